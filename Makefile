@@ -36,8 +36,10 @@ data-offline:
 demo: setup
 	$(BIN)/python -m flowlib.run --fast
 
+# Unit tests, the notebooks run through papermill (tests/test_notebooks.py), then the stored notebooks once
+# more under nbval (lax: cells run, outputs not compared) in fast mode.
 test: setup
-	$(BIN)/python -m pytest -q
+	FLOWLIB_FAST=1 $(BIN)/python -m pytest -q tests notebooks --nbval-lax
 
 lint: setup
 	$(BIN)/ruff check flowlib tests benchmarks notebooks

@@ -1,0 +1,168 @@
+"""``python -m flowlib.run``: execute the notebooks in order with papermill.
+
+Examples::
+
+    python -m flowlib.run --fast                 # every notebook, tiny models (what CI and `make demo` run)
+    python -m flowlib.run --only 05 --only 06    # some notebooks
+    python -m flowlib.run -p seed 3 -p steps 2000
+    python -m flowlib.run -f configs/cpu.yaml    # parameters from a file (a mapping of name -> value)
+
+Executed notebooks go to ``runs/<timestamp>/``. A parameter that none of the selected notebooks declares is
+rejected before anything runs (papermill itself would only warn). The first failing notebook stops the run
+with its name and the failing cell, and the exit status is non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from .results import atomic_write_json, project_path
+
+NOTEBOOK_DIR = "notebooks"
+
+# What --fast sets in every notebook that declares these parameters.
+FAST_PARAMETERS = {"fast": True, "results_dir": "results/fast", "checkpoint_dir": "checkpoints/fast"}
+
+
+class RunnerError(RuntimeError):
+    """A problem with the request (unknown notebook or parameter), reported before running anything."""
+
+
+def discover(notebook_dir: str | Path = NOTEBOOK_DIR) -> list[Path]:
+    """Notebooks named ``NN_*.ipynb`` in order."""
+    folder = project_path(notebook_dir)
+    return sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb"))
+
+
+def select(notebooks: list[Path], only: list[str] | None) -> list[Path]:
+    if not only:
+        return notebooks
+    chosen = []
+    for key in only:
+        hits = [p for p in notebooks if p.name.startswith(key) or p.stem == key]
+        if not hits:
+            names = ", ".join(p.stem for p in notebooks)
+            raise RunnerError(f"--only {key!r} matches no notebook; available: {names}")
+        chosen += [h for h in hits if h not in chosen]
+    return sorted(chosen)
+
+
+def declared_parameters(path: Path) -> dict:
+    import papermill
+
+    return papermill.inspect_notebook(str(path))
+
+
+def parse_value(text: str):
+    """``-p`` values are read as YAML scalars: 3 -> int, 0.5 -> float, true -> bool, else string."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def build_parameters(notebooks: list[Path], cli: dict, fast: bool) -> dict[Path, dict]:
+    """Per-notebook parameters; raises :class:`RunnerError` for names no selected notebook declares."""
+    declared = {p: declared_parameters(p) for p in notebooks}
+    known = set().union(*[set(d) for d in declared.values()]) if declared else set()
+    unknown = sorted(set(cli) - known)
+    if unknown:
+        raise RunnerError(
+            f"unknown parameter(s) {', '.join(unknown)}: no selected notebook declares them. "
+            f"Declared parameters: {', '.join(sorted(known))}"
+        )
+    per_notebook = {}
+    for path, names in declared.items():
+        params = {k: v for k, v in FAST_PARAMETERS.items() if fast and k in names}
+        params.update({k: v for k, v in cli.items() if k in names})
+        per_notebook[path] = params
+    return per_notebook
+
+
+def run(notebooks: list[Path], parameters: dict[Path, dict], output_dir: Path, kernel: str = "python3",
+        log=print) -> list[dict]:
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    summary = []
+    for i, path in enumerate(notebooks, 1):
+        out = output_dir / path.name
+        log(f"[{i}/{len(notebooks)}] {path.stem} ...", end="", flush=True)
+        start = time.perf_counter()
+        try:
+            papermill.execute_notebook(
+                str(path), str(out), parameters=parameters[path], kernel_name=kernel,
+                cwd=str(path.parent), progress_bar=False,
+            )
+        except PapermillExecutionError as err:
+            took = time.perf_counter() - start
+            log(f" FAILED after {took:.1f} s")
+            summary.append({"notebook": path.stem, "seconds": took, "status": "failed"})
+            atomic_write_json(output_dir / "summary.json", summary)
+            raise NotebookFailed(path, err.cell_index, err.ename, err.evalue, out) from None
+        took = time.perf_counter() - start
+        log(f" ok ({took:.1f} s)")
+        summary.append({"notebook": path.stem, "seconds": took, "status": "ok",
+                        "parameters": parameters[path]})
+        atomic_write_json(output_dir / "summary.json", summary)
+    return summary
+
+
+class NotebookFailed(RuntimeError):
+    def __init__(self, path: Path, cell: int, ename: str, evalue: str, output: Path):
+        self.path, self.cell, self.ename, self.evalue, self.output = path, cell, ename, evalue, output
+        super().__init__(
+            f"notebook {path.name} failed in cell {cell}: {ename}: {evalue}\n"
+            f"the executed notebook with the traceback is at {output}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flowlib.run", description=__doc__.split("\n")[0])
+    parser.add_argument("--fast", action="store_true", help="tiny models and few steps (same code paths)")
+    parser.add_argument("--only", action="append", metavar="NN", help="run only notebooks starting with NN")
+    parser.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"), default=[])
+    parser.add_argument("-f", "--parameters-file", metavar="YAML", help="a YAML mapping of parameters")
+    parser.add_argument("--output-dir", help="where executed notebooks go (default runs/<timestamp>)")
+    parser.add_argument("--kernel", default="python3")
+    parser.add_argument("--notebook-dir", default=NOTEBOOK_DIR, help="folder of NN_*.ipynb notebooks")
+    parser.add_argument("--list", action="store_true", help="list notebooks and their parameters, then exit")
+    args = parser.parse_args(argv)
+
+    try:
+        notebooks = select(discover(args.notebook_dir), args.only)
+        if not notebooks:
+            raise RunnerError(f"no notebooks found in {project_path(args.notebook_dir)}")
+        if args.list:
+            for p in notebooks:
+                params = declared_parameters(p)
+                print(f"{p.stem}: " + ", ".join(f"{k}={v['default']}" for k, v in params.items()))
+            return 0
+        cli: dict = {}
+        if args.parameters_file:
+            loaded = yaml.safe_load(project_path(args.parameters_file).read_text()) or {}
+            if not isinstance(loaded, dict):
+                raise RunnerError(f"{args.parameters_file} must hold a mapping of parameter names to values")
+            cli.update(loaded)
+        cli.update({k: parse_value(v) for k, v in args.parameter})
+        params = build_parameters(notebooks, cli, args.fast)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        output_dir = project_path(args.output_dir or f"runs/{stamp}{'-fast' if args.fast else ''}")
+        print(f"running {len(notebooks)} notebook(s) into {output_dir}")
+        start = time.perf_counter()
+        run(notebooks, params, output_dir, kernel=args.kernel)
+        print(f"done in {time.perf_counter() - start:.1f} s; executed notebooks in {output_dir}")
+        return 0
+    except (RunnerError, NotebookFailed) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

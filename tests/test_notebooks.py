@@ -1,0 +1,112 @@
+"""Notebooks: stored clean, parameters cells of literals, and every notebook executes in fast mode.
+
+The fast run (papermill, through flowlib.run) happens once per test session; the tests below then assert on
+the numbers each notebook recorded in its results JSON.
+"""
+
+import ast
+import json
+import math
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from flowlib import run
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+REQUIRED_PARAMETERS = {"fast", "seed", "results_dir"}
+
+
+def _code_cells(path):
+    return [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
+
+
+def test_there_are_notebooks():
+    assert len(NOTEBOOKS) >= 2
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_is_stored_without_outputs(path):
+    dirty = [i for i, c in enumerate(_code_cells(path)) if c.get("outputs") or c.get("execution_count")]
+    assert not dirty, f"{path.name}: code cells {dirty} have outputs; strip them before committing"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_parameters_cell_holds_literals_only(path):
+    cells = [c for c in _code_cells(path) if "parameters" in c.metadata.get("tags", [])]
+    assert len(cells) == 1, f"{path.name} needs exactly one cell tagged 'parameters'"
+    names = set()
+    for node in ast.parse(cells[0].source).body:
+        assert isinstance(node, ast.Assign) and len(node.targets) == 1, ast.dump(node)
+        ast.literal_eval(node.value)  # raises if the value is not a literal
+        names.add(node.targets[0].id)
+    assert REQUIRED_PARAMETERS <= names, f"{path.name} lacks {REQUIRED_PARAMETERS - names}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_has_no_installs_and_no_model_code(path):
+    nb = nbformat.read(path, as_version=4)
+    assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith(f"# {path.stem[:2]} ·")
+    for cell in _code_cells(path):
+        src = cell.source
+        assert not re.search(r"(^|\n)\s*[!%]", src), "no shell or magic commands (installs) in notebooks"
+        assert "pip install" not in src
+        assert not re.search(r"^class\s", src, re.M), "model code belongs in flowlib, not in notebooks"
+
+
+@pytest.fixture(scope="session")
+def fast_run(tmp_path_factory):
+    """Run every notebook once in fast mode; returns {notebook stem: results dict}."""
+    out = tmp_path_factory.mktemp("fast-run")
+    results_dir = out / "results"
+    params = run.build_parameters(NOTEBOOKS, {"results_dir": str(results_dir)}, fast=True)
+    run.run(NOTEBOOKS, params, out / "executed", log=lambda *a, **k: None)
+    return {p.stem: json.loads((results_dir / f"{p.stem}.json").read_text()) for p in NOTEBOOKS}
+
+
+def _finite_numbers(obj, where=""):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _finite_numbers(v, f"{where}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            _finite_numbers(v, f"{where}[{i}]")
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        assert math.isfinite(obj), f"non-finite number at {where}"
+    elif isinstance(obj, str):
+        assert obj.lower() not in ("nan", "inf", "-inf"), f"non-finite number at {where}"
+
+
+@pytest.mark.slow
+def test_every_notebook_records_finite_results(fast_run):
+    assert set(fast_run) == {p.stem for p in NOTEBOOKS}
+    for name, record in fast_run.items():
+        assert record["params"].get("fast") is True, name
+        assert record["provenance"]["commit"] is None or len(record["provenance"]["commit"]) == 40
+        _finite_numbers(record["results"], name)
+
+
+@pytest.mark.slow
+def test_01_change_of_variables(fast_run):
+    r = fast_run["01_change_of_variables"]["results"]
+    assert abs(r["lognormal_integral"] - 1) < 1e-3
+    assert r["lognormal_hist_max_abs_error"] < 0.1
+    for depth in r["glow2d"].values():
+        assert abs(depth["integral"] - 1) < 0.01 and depth["logdet_error"] < 1e-10
+
+
+@pytest.mark.slow
+def test_02_bijectors_and_models(fast_run):
+    r = fast_run["02_bijectors_and_models"]["results"]
+    assert len(r["bijector_checks"]) >= 10
+    for name, errs in r["bijector_checks"].items():
+        assert max(errs.values()) < 1e-8, name
+    assert r["made_upper_triangle_max"] == 0
+    for key in ("glow_report", "maf_report"):
+        assert max(r[key].values()) < 1e-8
+    maf_rows = [row for row in r["presets"] if "maf" in row["preset"]]
+    assert all(abs(row["ratio"] - 1) < 0.15 for row in maf_rows)
+    assert r["same_noise_reproducible"] is True
