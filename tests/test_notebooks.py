@@ -110,3 +110,14 @@ def test_02_bijectors_and_models(fast_run):
     maf_rows = [row for row in r["presets"] if "maf" in row["preset"]]
     assert all(abs(row["ratio"] - 1) < 0.15 for row in maf_rows)
     assert r["same_noise_reproducible"] is True
+
+
+@pytest.mark.slow
+def test_03_datasets(fast_run):
+    r = fast_run["03_datasets"]["results"]
+    assert set(r["sizes"]) == {"magic", "patches", "fashion-mnist", "mnist-5k", "digits"}
+    assert all(v["matches_registry"] for v in r["sizes"].values())
+    assert r["sizes"]["patches"]["shape"] == [63] and r["sizes"]["magic"]["shape"] == [10]
+    assert r["magic_train_mean_abs_max"] < 1e-4
+    assert all(abs(s - 1) < 1e-3 for s in r["magic_train_std"])
+    assert abs(r["uniform_model_bpd"] - 8.0) < 1e-9
