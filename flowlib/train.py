@@ -1,0 +1,565 @@
+"""One training loop for teachers, plain students and distilled students, with resumable checkpoints.
+
+* :class:`TrainConfig` -- every setting of a run as literals; :func:`config_hash` names its directory.
+* :func:`train` -- AdamW (the paper's optimizer, section 4.2) with linear warm-up and gradient-norm
+  clipping on the loss of Eq. 15 (:func:`flowlib.distill.distillation_loss`; plain NLL for teachers and
+  students); evaluation on a validation split every ``eval_every`` steps; ``best.pt`` (lowest validation
+  NLL) and ``last.pt`` (everything needed to resume) written atomically; a divergence guard.
+* :func:`train_or_load` -- ``<root>/<name>-<hash>/``: load a finished run, resume a partial one, or train
+  (the teacher of a distilled config first).
+
+Reproducibility: batches, per-batch dequantisation noise and SKD noise come from one ``torch.Generator``
+seeded from ``config.seed``; its state, the global RNG state, the model, the optimizer and the history
+are saved in ``last.pt``, so an interrupted run resumed from it ends exactly where an uninterrupted run
+would (bitwise on CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .bijectors import ImagePreprocess, dequantize
+from .distill import (
+    DISTANCES,
+    PRESETS,
+    bits_per_dim_from_log_prob,
+    distillation_loss,
+    freeze,
+    resolve_method,
+)
+from .models import MAF, Glow, build_model
+
+__all__ = [
+    "TrainConfig", "TrainingDiverged", "config_diff", "config_hash", "evaluate", "history_frame",
+    "load_checkpoint", "load_model", "resolve_device", "save_checkpoint", "train", "train_or_load",
+]
+
+CHECKPOINT_VERSION = 1
+# Keys that do not change what is computed and are left out of the hash and the config comparison.
+_NON_IDENTITY_KEYS = ("device",)
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient norm stopped training; the checkpoints on disk are the last good ones."""
+
+    def __init__(self, step: int, last_loss: float | None, what: str = "loss"):
+        self.step, self.last_loss, self.what = step, last_loss, what
+        last = "none yet" if last_loss is None else f"{last_loss:.6g}"
+        super().__init__(
+            f"training diverged at step {step}: the {what} is not finite (last finite loss: {last}). "
+            f"The checkpoints were not overwritten; lower lr, raise warmup_steps or set grad_clip"
+        )
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of one run, as literals (so it hashes to a stable name, :func:`config_hash`).
+
+    ``arch`` / ``model_kwargs``: :func:`flowlib.models.build_model` arguments (the shape comes from the
+    data). ``dataset``: the name given to ``data_fn(name, split)``. ``method``: ``"nll"`` (teachers and
+    plain students), ``"lkd"``, ``"ilkd"`` or ``"skd"`` (:data:`flowlib.distill.PRESETS`); ``lambdas``
+    overrides the preset's Eq. 15 weights. ``teacher``: the teacher's own :class:`TrainConfig` (needed
+    by :func:`train_or_load` for distilled methods). ``preprocess`` (``"glow"`` or ``"logit"``) and
+    ``bins`` apply to integer (image) data, dequantised per batch. ``lr``: the paper uses 5e-5 with
+    batches of 65,536; ``weight_decay`` is AdamW's default (the paper states none); ``grad_clip`` 30 as in
+    the official code (``None`` disables it). ``device`` does not enter the hash.
+    """
+
+    name: str = "model"
+    arch: str = "maf"
+    model_kwargs: dict = field(default_factory=dict)
+    dataset: str | None = None
+    steps: int = 1000
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    grad_clip: float | None = 30.0
+    eval_every: int = 100
+    eval_batch_size: int = 1024
+    seed: int = 0
+    device: str = "cpu"
+    method: str = "nll"
+    lambdas: tuple | None = None
+    distance: str = "l1"
+    temperature: float = 0.7
+    skd_samples: int | None = None
+    pairs: tuple | None = None
+    teacher: TrainConfig | None = None
+    preprocess: str = "glow"
+    bins: int = 256
+
+    def __post_init__(self):
+        if isinstance(self.teacher, dict):
+            self.teacher = TrainConfig.from_dict(self.teacher)
+        if self.lambdas is not None:
+            self.lambdas = tuple(float(v) for v in self.lambdas)
+            if len(self.lambdas) != 3:
+                raise ValueError(f"lambdas must be (l0, l1, l2), got {self.lambdas}")
+        if self.pairs is not None:
+            self.pairs = tuple(tuple(int(i) for i in p) for p in self.pairs)
+        self.model_kwargs = dict(self.model_kwargs)
+        resolve_method(self.method)
+        if self.distance not in DISTANCES:
+            raise ValueError(f"unknown distance {self.distance!r}; choose one of {', '.join(DISTANCES)}")
+        if self.preprocess not in ("glow", "logit"):
+            raise ValueError(f"unknown preprocess {self.preprocess!r}; choose 'glow' or 'logit'")
+        for key in ("steps", "batch_size", "eval_every", "eval_batch_size", "bins"):
+            if int(getattr(self, key)) < 1:
+                raise ValueError(f"TrainConfig.{key} must be >= 1, got {getattr(self, key)}")
+        if self.warmup_steps < 0 or self.lr <= 0:
+            raise ValueError(f"need lr > 0 and warmup_steps >= 0, got lr={self.lr}, "
+                             f"warmup_steps={self.warmup_steps}")
+
+    @property
+    def distilled(self) -> bool:
+        """True when the loss uses a teacher (a non-zero l1 or l2 weight)."""
+        lam = self.lambdas if self.lambdas is not None else PRESETS[resolve_method(self.method)].lambdas
+        return lam[1] != 0 or lam[2] != 0
+
+    def to_dict(self) -> dict:
+        """Plain nested dict (the teacher config included)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig keys {unknown}; known keys: {sorted(known)}")
+        return cls(**d)
+
+    def replace(self, **changes) -> TrainConfig:
+        """A copy with some fields changed (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _identity_dict(d: dict) -> dict:
+    out = {k: v for k, v in d.items() if k not in _NON_IDENTITY_KEYS}
+    if isinstance(out.get("teacher"), dict):
+        out["teacher"] = _identity_dict(out["teacher"])
+    return out
+
+
+def _canonical(d: dict) -> str:
+    return json.dumps(_identity_dict(d), sort_keys=True, separators=(",", ":"), default=list)
+
+
+def config_hash(config: TrainConfig | dict, length: int = 10) -> str:
+    """Short stable hash (sha256 hex prefix) of the config's canonical JSON (sorted keys, no ``device``)."""
+    d = config.to_dict() if isinstance(config, TrainConfig) else config
+    return hashlib.sha256(_canonical(d).encode()).hexdigest()[:length]
+
+
+def config_diff(a: TrainConfig | dict, b: TrainConfig | dict, prefix: str = "") -> list[str]:
+    """Keys (dotted for the teacher config) whose values differ between two configs, ``device`` ignored."""
+    da = _identity_dict(a.to_dict() if isinstance(a, TrainConfig) else a)
+    db = _identity_dict(b.to_dict() if isinstance(b, TrainConfig) else b)
+    out = []
+    for key in sorted(set(da) | set(db)):
+        va, vb = da.get(key), db.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict) and key == "teacher":
+            out += config_diff(va, vb, prefix=f"{prefix}{key}.")
+        elif json.dumps(va, sort_keys=True, default=list) != json.dumps(vb, sort_keys=True, default=list):
+            out.append(f"{prefix}{key}")
+    return out
+
+
+def _check_same_config(stored: dict, config: TrainConfig, path) -> None:
+    diff = config_diff(stored, config)
+    if diff:
+        s, g = _identity_dict(stored), _identity_dict(config.to_dict())
+        details = ", ".join(
+            f"{k} (stored {_lookup(s, k)!r}, given {_lookup(g, k)!r})" for k in diff
+        )
+        raise ValueError(
+            f"checkpoint {path} was written with a different config; differing keys: {details}. "
+            f"Use the matching config, another checkpoint directory, or delete {Path(path).parent}"
+        )
+
+
+def _lookup(d: dict, dotted: str):
+    for part in dotted.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"cpu"``, ``"cuda"`` / ``"cuda:N"`` (error if CUDA is absent) or ``"auto"`` (CUDA when present)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name!r} was requested but CUDA is not available on this machine "
+                           f"(torch.cuda.is_available() is False); set device='cpu' or 'auto'")
+    return dev
+
+
+def _derive_seed(seed: int, tag: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{tag}".encode()).digest()[:8], "little") % (2**63)
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------
+
+def _as_tensor(data, what: str) -> torch.Tensor:
+    if isinstance(data, torch.Tensor):
+        return data
+    if hasattr(data, "tensors"):  # TensorDataset: the first tensor holds the data, labels are ignored
+        return data.tensors[0]
+    if isinstance(data, (tuple, list)) and data and isinstance(data[0], torch.Tensor):
+        return data[0]
+    if hasattr(data, "__array__"):
+        return torch.as_tensor(data)
+    raise TypeError(
+        f"{what} must be a tensor (N, ...), an array, or a TensorDataset; got {type(data).__name__}"
+    )
+
+
+class _BatchStream:
+    """Shuffled epochs of indices drawn with a seeded generator; its state is saved for resuming."""
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator):
+        self.n, self.batch_size, self.generator = n, batch_size, generator
+        self.perm: torch.Tensor | None = None
+        self.pos = 0
+
+    def next(self) -> torch.Tensor:
+        parts, need = [], self.batch_size
+        while need:
+            if self.perm is None or self.pos >= self.n:
+                self.perm, self.pos = torch.randperm(self.n, generator=self.generator), 0
+            take = min(need, self.n - self.pos)
+            parts.append(self.perm[self.pos: self.pos + take])
+            self.pos, need = self.pos + take, need - take
+        return torch.cat(parts)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "perm": self.perm, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.perm, self.pos = state["perm"], int(state["pos"])
+
+
+def _to_model_space(xb: torch.Tensor, preprocess: ImagePreprocess | None, bins: int,
+                    generator: torch.Generator | None, ref: torch.Tensor):
+    """Integer images -> dequantise (generator) -> preprocess; float data as is. Returns (y, pre_logdet)."""
+    if preprocess is not None:
+        x01 = dequantize(xb, bins, generator=generator)
+        y, pre_logdet = preprocess(x01)
+        return y.to(device=ref.device, dtype=ref.dtype), pre_logdet.to(device=ref.device, dtype=ref.dtype)
+    y = xb.to(device=ref.device, dtype=ref.dtype)
+    return y, None
+
+
+def evaluate(model: nn.Module, data, preprocess: str | nn.Module | None = "glow", bins: int = 256,
+             batch_size: int = 1024, seed: int = 0) -> dict[str, float]:
+    """Mean NLL (nats per sample, model space) and bits/dim of ``data`` under ``model`` in eval mode.
+
+    ``data`` is a tensor or an iterable of batches. Integer (image) data is dequantised with a generator
+    seeded from ``seed`` (the same noise at every evaluation) and mapped by ``preprocess`` (a kind or an
+    :class:`~flowlib.bijectors.ImagePreprocess`); float data is used as is. Bits/dim follows
+    :func:`flowlib.distill.bits_per_dim`. The model's train/eval mode is restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    ref = next(model.parameters())
+    gen = torch.Generator().manual_seed(seed)
+    image_pre = preprocess if isinstance(preprocess, nn.Module) else ImagePreprocess(preprocess or "glow")
+    batches: Iterable = (
+        (data[i: i + batch_size] for i in range(0, len(data), batch_size))
+        if isinstance(data, torch.Tensor) else (_as_tensor(b, "a validation batch") for b in data)
+    )
+    total_nll, total_bpd, count = 0.0, 0.0, 0
+    try:
+        with torch.inference_mode():
+            for xb in batches:
+                pre = None if xb.is_floating_point() else image_pre
+                y, _ = _to_model_space(xb, pre, bins, gen, ref)
+                log_prob = model.log_prob(y)
+                total_nll += -log_prob.double().sum().item()
+                total_bpd += bits_per_dim_from_log_prob(log_prob, y, pre, bins).double().sum().item()
+                count += y.shape[0]
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("evaluate() got no data")
+    return {"nll": total_nll / count, "bpd": total_bpd / count}
+
+
+def history_frame(history: list[dict]):
+    """The history as a pandas DataFrame, with each loss term in its own ``term_<name>`` column."""
+    import pandas as pd
+
+    rows = []
+    for rec in history:
+        row = {k: v for k, v in rec.items() if k != "terms"}
+        row.update({f"term_{k}": v for k, v in rec.get("terms", {}).items()})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------------
+
+def save_checkpoint(path: str | os.PathLike, obj: dict) -> None:
+    """``torch.save`` to a temporary file in the same folder, then ``os.replace`` (atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Load a checkpoint written by :func:`train` (``weights_only``: plain tensors and containers)."""
+    ck = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(ck, dict) or ck.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path} is not a flowlib checkpoint of version {CHECKPOINT_VERSION}")
+    return ck
+
+
+def load_model(path: str | os.PathLike, device: str = "cpu") -> nn.Module:
+    """Rebuild the model stored in a ``best.pt`` / ``last.pt`` and load its weights (eval mode)."""
+    ck = load_checkpoint(path)
+    config = TrainConfig.from_dict(ck["config"])
+    model = build_model(config.arch, tuple(ck["input_shape"]), **config.model_kwargs)
+    model.load_state_dict(ck["model"])
+    return model.to(resolve_device(device)).eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------
+
+def _check_arch(model: nn.Module, config: TrainConfig) -> None:
+    expected = {"glow": Glow, "maf": MAF}.get(config.arch.lower())
+    if expected is not None and isinstance(model, (Glow, MAF)) and not isinstance(model, expected):
+        raise ValueError(f"config.arch is {config.arch!r} but the model is a {type(model).__name__}")
+
+
+def train(model: nn.Module, train_data, val_data, config: TrainConfig, teacher: nn.Module | None = None,
+          checkpoint_dir: str | os.PathLike | None = None, progress: bool = True, resume: bool = True,
+          batch_hook: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None) -> list[dict]:
+    """Train ``model`` on ``train_data`` with the loss of ``config.method`` (Eq. 15); return the history.
+
+    Each step ``s = 1..config.steps`` draws a batch (shuffled epochs, seeded generator), dequantises
+    integer images with the same generator, and minimises ``distillation_loss(teacher, model, x)``
+    (teacher and student see the same batch) with AdamW, learning rate warmed up linearly over
+    ``warmup_steps`` and gradients clipped to norm ``grad_clip``. Every ``eval_every`` steps and at the
+    end: validation NLL / bits/dim (:func:`evaluate`), ``best.pt`` when the validation NLL improves and
+    ``last.pt`` (model, optimizer, generator and RNG states, history) in ``checkpoint_dir``. With
+    ``resume`` and an existing ``last.pt`` (same config, ``device`` aside) training continues from it.
+
+    A non-finite loss or gradient norm raises :class:`TrainingDiverged` at that step, before anything
+    is written. ``batch_hook(step, x)`` (tests, debugging) may return a replacement batch or raise.
+
+    History rows: ``step, loss, nll, bpd`` (training batch), ``terms`` (dict), ``val_nll, val_bpd``
+    (NaN between evaluations), ``lr, grad_norm, time`` (seconds since the run started). The model is
+    left with the final weights (``best.pt`` holds the best ones).
+    """
+    method = resolve_method(config.method)
+    _check_arch(model, config)
+    device = resolve_device(config.device)
+    model.to(device)
+    distilled = config.distilled
+    if distilled:
+        if teacher is None:
+            raise ValueError(f"method {config.method!r} distils from a teacher: pass teacher=<trained model>")
+        freeze(teacher.to(device))
+    x_train = _as_tensor(train_data, "train_data")
+    if len(x_train) == 0:
+        raise ValueError("train_data is empty")
+    image = not x_train.is_floating_point()
+    preprocess = ImagePreprocess(config.preprocess) if image else None
+    dim = math.prod(x_train.shape[1:])
+    ref = next(model.parameters())
+
+    generator = torch.Generator().manual_seed(_derive_seed(config.seed, "batches"))
+    stream = _BatchStream(len(x_train), config.batch_size, generator)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    history: list[dict] = []
+    best_val, start_step, elapsed0 = math.inf, 0, 0.0
+
+    ckdir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if ckdir is not None and resume and (ckdir / "last.pt").exists():
+        ck = load_checkpoint(ckdir / "last.pt")  # CPU: generator states must stay on the CPU
+        _check_same_config(ck["config"], config, ckdir / "last.pt")
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        stream.load_state_dict(ck["stream"])
+        torch.set_rng_state(ck["torch_rng"].cpu())
+        history, best_val = list(ck["history"]), float(ck["best_val"])
+        start_step, elapsed0 = int(ck["step"]), float(ck["elapsed"])
+        if ck.get("finished"):
+            return history
+
+    def checkpoint(step: int, finished: bool) -> None:
+        if ckdir is None:
+            return
+        save_checkpoint(ckdir / "last.pt", {
+            "version": CHECKPOINT_VERSION, "config": config.to_dict(), "input_shape": list(x_train.shape[1:]),
+            "step": step, "finished": finished, "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "stream": stream.state_dict(),
+            "torch_rng": torch.get_rng_state(), "history": history, "best_val": best_val,
+            "elapsed": time.perf_counter() - t0 + elapsed0,
+        })
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.steps, initial=start_step, desc=f"{config.name} [{config.method}]")
+    t0 = time.perf_counter()
+    last_loss = next((h["loss"] for h in reversed(history) if math.isfinite(h["loss"])), None)
+    best_bpd = _best_val_bpd(history)
+    model.train()
+    try:
+        for step in range(start_step + 1, config.steps + 1):
+            xb = x_train[stream.next()]
+            if batch_hook is not None:
+                replaced = batch_hook(step, xb)
+                xb = xb if replaced is None else replaced
+            y, pre_logdet = _to_model_space(xb, preprocess, config.bins, generator, ref)
+            lr = config.lr * min(1.0, step / config.warmup_steps) if config.warmup_steps else config.lr
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            out = distillation_loss(
+                teacher if distilled else None, model, y, method=method, lambdas=config.lambdas,
+                pairs=config.pairs, distance=config.distance, temperature=config.temperature,
+                n_samples=config.skd_samples, generator=generator,
+            )
+            loss = out.total
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(step, last_loss, "loss")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            max_norm = config.grad_clip if config.grad_clip is not None else math.inf
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            if not torch.isfinite(grad_norm):
+                raise TrainingDiverged(step, last_loss, "gradient norm")
+            optimizer.step()
+
+            values = out.items()
+            last_loss = values["loss"]
+            nll_value = values["nll"]
+            if preprocess is not None:
+                nll_value -= float(pre_logdet.mean()) - dim * math.log(config.bins)
+            rec = {
+                "step": step, "loss": values["loss"], "nll": values["nll"],
+                "bpd": nll_value / (dim * math.log(2.0)),
+                "terms": {k: v for k, v in values.items() if k != "loss"},
+                "val_nll": math.nan, "val_bpd": math.nan, "lr": lr, "grad_norm": float(grad_norm),
+                "time": time.perf_counter() - t0 + elapsed0,
+            }
+            history.append(rec)
+            evaluate_now = step % config.eval_every == 0 or step == config.steps
+            if evaluate_now:
+                val = evaluate(model, val_data, preprocess or config.preprocess, config.bins,
+                               config.eval_batch_size, seed=_derive_seed(config.seed, "val"))
+                rec["val_nll"], rec["val_bpd"] = val["nll"], val["bpd"]
+                if math.isfinite(val["nll"]) and val["nll"] < best_val:
+                    best_val, best_bpd = val["nll"], val["bpd"]
+                    if ckdir is not None:
+                        save_checkpoint(ckdir / "best.pt", {
+                            "version": CHECKPOINT_VERSION, "config": config.to_dict(),
+                            "input_shape": list(x_train.shape[1:]), "step": step,
+                            "model": model.state_dict(), "val_nll": val["nll"], "val_bpd": val["bpd"],
+                        })
+                checkpoint(step, finished=step == config.steps)
+            if bar is not None:
+                post = {"loss": f"{rec['loss']:.4g}", "bpd": f"{rec['bpd']:.4g}"}
+                if math.isfinite(best_val):
+                    post["best_val_bpd"] = f"{best_bpd:.4g}"
+                bar.set_postfix(post, refresh=False)
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return history
+
+
+def _best_val_bpd(history: list[dict]) -> float:
+    vals = [(h["val_nll"], h["val_bpd"]) for h in history if math.isfinite(h["val_nll"])]
+    return min(vals)[1] if vals else math.nan
+
+
+def _default_data_fn() -> Callable[[str, str], Any]:
+    try:
+        from .data import load
+    except ImportError as err:  # pragma: no cover - depends on the data module being present
+        raise ImportError(
+            "train_or_load needs data: pass data_fn=lambda name, split: tensor, or install flowlib.data"
+        ) from err
+    return load
+
+
+def train_or_load(config: TrainConfig, data_fn: Callable[[str, str], Any] | None = None,
+                  checkpoint_root: str | os.PathLike = "checkpoints", progress: bool = True,
+                  which: str = "best") -> tuple[nn.Module, list[dict]]:
+    """The model of ``config``, trained once and cached in ``<checkpoint_root>/<name>-<hash>/``.
+
+    A finished run is loaded (no data needed); a partial one is resumed; otherwise the model is built
+    (``torch.manual_seed(config.seed)``, shape from the data) and trained. ``data_fn(name, split)``
+    returns the ``"train"`` and ``"val"`` splits (default: :func:`flowlib.data.load`). A distilled config
+    trains or loads ``config.teacher`` first, under the same root. A stored config that differs from
+    ``config`` is refused, naming the differing keys. Returns ``(model, history)``; the model holds the
+    ``which="best"`` (lowest validation NLL) or ``"last"`` weights and is in eval mode.
+    """
+    if which not in ("best", "last"):
+        raise ValueError(f"which must be 'best' or 'last', got {which!r}")
+    directory = Path(checkpoint_root) / f"{config.name}-{config_hash(config)}"
+    last_path = directory / "last.pt"
+    device = resolve_device(config.device)
+
+    def finish(model: nn.Module, history: list[dict]):
+        path = directory / ("best.pt" if which == "best" and (directory / "best.pt").exists() else "last.pt")
+        model.load_state_dict(load_checkpoint(path, map_location=device)["model"])
+        return model.to(device).eval(), history
+
+    if last_path.exists():
+        ck = load_checkpoint(last_path)
+        _check_same_config(ck["config"], config, last_path)
+        if ck.get("finished"):
+            model = build_model(config.arch, tuple(ck["input_shape"]), **config.model_kwargs)
+            return finish(model, list(ck["history"]))
+    if config.dataset is None:
+        raise ValueError("config.dataset is not set: name the dataset data_fn should load")
+    data_fn = data_fn or _default_data_fn()
+    train_x = _as_tensor(data_fn(config.dataset, "train"), f"data_fn({config.dataset!r}, 'train')")
+    val_x = data_fn(config.dataset, "val")
+    teacher = None
+    if config.distilled:
+        if config.teacher is None:
+            raise ValueError(f"config {config.name!r} uses method {config.method!r}, which needs "
+                             f"config.teacher (the teacher's TrainConfig)")
+        teacher, _ = train_or_load(config.teacher, data_fn, checkpoint_root, progress, which="best")
+    torch.manual_seed(config.seed)
+    model = build_model(config.arch, tuple(train_x.shape[1:]), **config.model_kwargs)
+    history = train(model, train_x, val_x, config, teacher=teacher, checkpoint_dir=directory,
+                    progress=progress)
+    return finish(model, history)

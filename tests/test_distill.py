@@ -1,0 +1,333 @@
+"""Tests of flowlib.distill: likelihood metrics and the losses of Eq. 12-15."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from flowlib.bijectors import ImagePreprocess, dequantize
+from flowlib.distill import (
+    PRESETS,
+    bits_per_dim,
+    default_pairs,
+    distillation_loss,
+    freeze,
+    ilkd_loss,
+    latent_distance,
+    lkd_loss,
+    nll,
+    skd_loss,
+)
+from flowlib.models import MAF, Glow
+from tests.flowcheck import perturb
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models are tiny: one intra-op thread is faster and is not slowed down by a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _trained_like(model, x, seed=0):
+    """Move parameters off their identity initialisation and run ActNorm's data-dependent init."""
+    perturb(model, scale=0.1, seed=seed)
+    model.train()
+    with torch.no_grad():
+        model.encode(x)
+    return model
+
+
+def _tab(n=16, d=4, seed=0):
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+
+
+def _img(n=4, seed=0):
+    return torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed)) - 0.5
+
+
+# ----------------------------------------------------------------------------------------------------
+# A 2-D MAF whose latents are computed by hand: zero-initialised MADE outputs mu = alpha = 0 (identity),
+# batch norm in eval mode with running mean 0, variance 1, eps 0 is y = x * exp(log_gamma) + beta, and
+# Reverse swaps the two coordinates.
+# ----------------------------------------------------------------------------------------------------
+
+def _hand_maf(blocks):
+    model = MAF(2, depth=len(blocks), hidden=8)
+    with torch.no_grad():
+        for block, (gamma, beta) in zip(model.blocks, blocks):
+            bn = block.layers[1]
+            bn.eps = 0.0
+            bn.log_gamma.copy_(torch.log(torch.tensor(gamma)))
+            bn.beta.copy_(torch.tensor(beta))
+    return model.eval()
+
+
+def _hand_pair():
+    # teacher block 0: (2 x1 + 1, x2 - 1) reversed -> t0 = (x2 - 1, 2 x1 + 1)
+    # teacher block 1: on (a1, a2): (a1, 3 a2 + 0.5) reversed -> t1 = (3 a2 + 0.5, a1)
+    # student block 0: (x1 + 0.5, x2) reversed -> s0 = (x2, x1 + 0.5)
+    teacher = freeze(_hand_maf([((2.0, 1.0), (1.0, -1.0)), ((1.0, 3.0), (0.0, 0.5))]))
+    student = _hand_maf([((1.0, 1.0), (0.5, 0.0))])
+    return teacher, student
+
+
+X_HAND = torch.tensor([[1.0, 2.0], [-1.0, 0.5]])
+# t0 = [[1, 3], [-0.5, -1]], t1 = [[9.5, 1], [-2.5, -0.5]], s0 = [[2, 1.5], [0.5, -0.5]]
+
+
+def test_distances_by_hand_and_unknown_distance():
+    a = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    b = torch.tensor([[0.0, 0.0], [0.0, 8.0]])
+    assert latent_distance(a, b, "l1").item() == pytest.approx((1 + 2 + 3 + 4) / 4)
+    assert latent_distance(a, b, "mse").item() == pytest.approx((1 + 4 + 9 + 16) / 4)
+    with pytest.raises(ValueError, match="unknown distance 'l2'.*l1, mse"):
+        latent_distance(a, b, "l2")
+    with pytest.raises(ValueError, match=r"shapes \(2, 2\) and \(4,\)"):
+        latent_distance(a, b.reshape(-1))
+
+
+def test_hand_computed_latents_lkd_ilkd_nll():
+    teacher, student = _hand_pair()
+    enc_t, enc_s = teacher.encode(X_HAND), student.encode(X_HAND)
+    assert torch.equal(enc_t.latents[0], torch.tensor([[1.0, 3.0], [-0.5, -1.0]]))
+    assert torch.equal(enc_t.latents[1], torch.tensor([[9.5, 1.0], [-2.5, -0.5]]))
+    assert torch.equal(enc_s.latents[0], torch.tensor([[2.0, 1.5], [0.5, -0.5]]))
+
+    # |t1 - s0| = 7.5, 0.5, 3, 0
+    assert lkd_loss(teacher, student, X_HAND).item() == pytest.approx(11 / 4)
+    assert lkd_loss(teacher, student, X_HAND, distance="mse").item() == pytest.approx((56.25 + 0.25 + 9) / 4)
+    # default pairing for K_t = 2, K_s = 1 is the final latent only
+    assert default_pairs(teacher, student) == [(0, 1)]
+    assert ilkd_loss(teacher, student, X_HAND).item() == pytest.approx(11 / 4)
+    # custom pairs: |t0 - s0| = 1, 1.5, 1, 0.5 -> mean 1; plus the final latent 2.75
+    assert ilkd_loss(teacher, student, X_HAND, pairs=[(0, 0), (0, 1)]).item() == pytest.approx(1 + 11 / 4)
+
+    # student NLL: log-det sum(log gamma) = 0; 0.5 |s0|^2 = 3.125 and 0.25; plus log(2 pi) per sample (D=2)
+    expected_nll = (3.125 + 0.25) / 2 + LOG_2PI
+    assert nll(student, X_HAND).item() == pytest.approx(expected_nll)
+    # and bits/dim of continuous data is nll / (D ln 2)
+    assert bits_per_dim(student, X_HAND).item() == pytest.approx(expected_nll / (2 * math.log(2)))
+
+    out = distillation_loss(teacher, student, X_HAND, method="lkd")
+    assert out.lambdas == (0.9, 0.1, 0.0)
+    assert set(out.terms) == {"nll", "lkd"}
+    assert out.terms["nll"].item() == pytest.approx(expected_nll)
+    assert out.total.item() == pytest.approx(0.9 * expected_nll + 0.1 * 11 / 4)
+    out = distillation_loss(teacher, student, X_HAND, method="ilkd", lambdas=(0.5, 2.0, 0.0),
+                            pairs=[(0, 0), (0, 1)])
+    assert out.total.item() == pytest.approx(0.5 * expected_nll + 2.0 * (1 + 11 / 4))
+
+
+def test_hand_computed_skd():
+    # Inverses: teacher x1 = ((t1_1 - 0.5) / 3 - 1) / 2, x2 = t1_2 + 1; student x = (s0_2 - 0.5, s0_1).
+    teacher, student = _hand_pair()
+    noise = [torch.tensor([[1.0, -2.0], [0.0, 0.0]])]
+    # temperature 0.5: w = (0.5, -1) -> teacher (-0.5, 0), student (-1.5, 0.5)
+    #                  w = (0, 0)    -> teacher (-7/12, 1), student (-0.5, 0)
+    expected = (1.0 + 0.5 + 1 / 12 + 1.0) / 4
+    assert skd_loss(teacher, student, noise=noise, temperature=0.5).item() == pytest.approx(expected)
+    out = distillation_loss(teacher, student, X_HAND, method="skd", lambdas=(0.0, 0.0, 1.0),
+                            noise=noise, temperature=0.5)
+    assert set(out.terms) == {"nll", "skd"}
+    assert out.total.item() == pytest.approx(expected)
+
+
+MODELS = {
+    "maf": (lambda depth: MAF(4, depth=depth, hidden=16), _tab),
+    "glow-tabular": (lambda depth: Glow((4,), depth=depth, hidden=16), _tab),
+    "glow-image": (lambda depth: Glow((1, 8, 8), levels=2, depth=depth, hidden=8), _img),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_copy_of_teacher_has_zero_distillation_losses(kind):
+    build, data = MODELS[kind]
+    x = data()
+    teacher = freeze(_trained_like(build(3), x))
+    student = copy.deepcopy(teacher).requires_grad_(True)
+    # MAF's batch norm uses batch statistics in training mode, so only an eval-mode copy computes the
+    # teacher's function; GLOW's (initialised) ActNorm is the same map in both modes.
+    student.train(kind != "maf")
+    g = torch.Generator().manual_seed(3)
+    assert lkd_loss(teacher, student, x).item() == 0.0
+    assert ilkd_loss(teacher, student, x).item() == 0.0
+    assert skd_loss(teacher, student, 5, generator=g).item() == 0.0
+    assert distillation_loss(teacher, student, x, method="skd").total.item() == pytest.approx(
+        0.85 * nll(student, x).item(), rel=1e-6)
+    # ...and a different student has positive losses
+    perturb(student, scale=0.05, seed=9)
+    assert lkd_loss(teacher, student, x).item() > 1e-4
+    assert ilkd_loss(teacher, student, x).item() > 1e-4
+    assert skd_loss(teacher, student, 5, generator=g).item() > 1e-4
+
+
+def _manual_ilkd(teacher, student, x, pairs):
+    with torch.no_grad():
+        t, s = teacher.encode(x), student.encode(x)
+    return sum((t.latents[i] - s.latents[j]).abs().mean() for j, i in pairs)
+
+
+def test_default_pairs_maf_and_tabular_glow():
+    assert default_pairs(MAF(3, depth=6), MAF(3, depth=3)) == [(0, 1), (1, 3), (2, 5)]
+    assert default_pairs(MAF(3, depth=9), MAF(3, depth=3)) == [(0, 2), (1, 5), (2, 8)]
+    assert default_pairs(MAF(3, depth=5), MAF(3, depth=5)) == [(j, j) for j in range(5)]
+    assert default_pairs(Glow((4,), depth=3, hidden=64), Glow((4,), depth=3, hidden=32)) == [
+        (0, 0), (1, 1), (2, 2)]
+    assert default_pairs(Glow((4,), depth=4), Glow((4,), depth=2)) == [(0, 1), (1, 3)]
+    with pytest.raises(ValueError, match="more distillation points"):
+        default_pairs(MAF(3, depth=2), MAF(3, depth=3))
+
+
+def test_default_pairs_image_glow_every_level():
+    teacher = Glow((1, 8, 8), levels=3, depth=4, hidden=8)
+    student = Glow((1, 8, 8), levels=3, depth=1, hidden=8)
+    assert default_pairs(teacher, student) == [(0, 0), (1, 1), (2, 2)]
+    with pytest.raises(ValueError, match="teacher has 3 levels and student 2"):
+        default_pairs(teacher, Glow((1, 8, 8), levels=2, depth=1, hidden=8))
+    with pytest.raises(ValueError, match="both models to be image GLOWs"):
+        default_pairs(teacher, MAF(64, depth=1))
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_ilkd_and_lkd_match_manual_computation(kind):
+    build, data = MODELS[kind]
+    x = data(seed=1)
+    teacher = freeze(_trained_like(build(6), x, seed=1))
+    student = _trained_like(build(3), x, seed=2)
+    pairs = default_pairs(teacher, student)
+    if kind == "glow-image":
+        assert pairs == [(0, 0), (1, 1)]
+    else:
+        assert pairs == [(0, 1), (1, 3), (2, 5)]
+    student.eval()  # deterministic: the manual and library passes see the same batch-norm statistics
+    expected = _manual_ilkd(teacher, student, x, pairs)
+    assert ilkd_loss(teacher, student, x).item() == pytest.approx(expected.item(), rel=1e-6)
+    with torch.no_grad():
+        t, s = teacher.encode(x).flat(), student.encode(x).flat()
+    assert lkd_loss(teacher, student, x).item() == pytest.approx((t - s).abs().mean().item(), rel=1e-6)
+    assert lkd_loss(teacher, student, x, distance="mse").item() == pytest.approx(
+        (t - s).pow(2).mean().item(), rel=1e-6)
+
+
+def test_ilkd_custom_pairs_errors_name_the_pair():
+    x = _img()
+    teacher = freeze(Glow((1, 8, 8), levels=2, depth=2, hidden=8))
+    student = Glow((1, 8, 8), levels=2, depth=1, hidden=8)
+    message = r"pair #1 \(student point 0, teacher point 1\).*student \(4, 4, 4, 4\), teacher \(4, 8, 2, 2\)"
+    with pytest.raises(ValueError, match=message):
+        ilkd_loss(teacher, student, x, pairs=[(0, 0), (0, 1)])
+    with pytest.raises(IndexError, match=r"pair #0 \(student 2, teacher 0\) is out of range"):
+        ilkd_loss(teacher, student, x, pairs=[(2, 0)])
+
+
+@pytest.mark.parametrize("method", ["lkd", "ilkd", "skd"])
+def test_gradients_reach_student_only_and_teacher_unchanged(method):
+    x = _tab(seed=4)
+    teacher = _trained_like(MAF(4, depth=6, hidden=16), x, seed=4).eval()  # requires_grad stays True
+    student = _trained_like(MAF(4, depth=3, hidden=16), x, seed=5)
+    before = copy.deepcopy(teacher.state_dict())
+    out = distillation_loss(teacher, student, x, method=method, generator=torch.Generator().manual_seed(0))
+    out.total.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(p.grad is not None for p in student.parameters())
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    # the distillation term alone (no NLL) also sends gradients to the student
+    student.zero_grad()
+    term = {"lkd": lkd_loss, "ilkd": ilkd_loss}.get(method)
+    loss = term(teacher, student, x) if term else skd_loss(teacher, student, 8)
+    loss.backward()
+    assert sum(p.grad.abs().sum() for p in student.parameters() if p.grad is not None) > 0
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_teacher_in_training_mode_is_refused():
+    x = _tab()
+    teacher, student = MAF(4, depth=2), MAF(4, depth=1)
+    with pytest.raises(RuntimeError, match="freeze"):
+        lkd_loss(teacher, student, x)
+    frozen = freeze(teacher)
+    assert frozen is teacher and not teacher.training
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_skd_teacher_and_student_decode_the_same_noise_at_every_level():
+    teacher = freeze(Glow((1, 8, 8), levels=2, depth=2, hidden=8))
+    student = Glow((1, 8, 8), levels=2, depth=1, hidden=8)
+    seen = {}
+
+    def spy(name, fn):
+        def wrapped(z):
+            seen.setdefault(name, []).append([t.detach().clone() for t in z])
+            return fn(z)
+        return wrapped
+
+    teacher.decode = spy("teacher", teacher.decode)
+    student.decode = spy("student", student.decode)
+    skd_loss(teacher, student, 3, temperature=0.7, generator=torch.Generator().manual_seed(11))
+    expected = teacher.sample_noise(3, torch.Generator().manual_seed(11))
+    assert len(seen["teacher"]) == len(seen["student"]) == 1
+    zt, zs = seen["teacher"][0], seen["student"][0]
+    assert len(zt) == len(zs) == 2  # both levels
+    for a, b, e in zip(zt, zs, expected):
+        assert torch.equal(a, b)
+        assert torch.allclose(a, 0.7 * e)
+
+
+def test_skd_refuses_different_latent_shapes():
+    with pytest.raises(ValueError, match="latent shapes differ"):
+        skd_loss(freeze(MAF(3, depth=1)), MAF(4, depth=1), 2)
+
+
+def test_bits_per_dim_dequantisation_constant():
+    class Uniform(torch.nn.Module):  # log p = 0: uniform density on the unit cube around 0
+        def log_prob(self, y):
+            return torch.zeros(y.shape[0])
+
+    x_int = torch.randint(0, 256, (5, 3, 4, 4), generator=torch.Generator().manual_seed(0))
+    pre = ImagePreprocess("glow")
+    y, _ = pre(dequantize(x_int, generator=torch.Generator().manual_seed(1)))
+    # uniform on [0, 256)^D is exactly 8 bits per dimension
+    assert bits_per_dim(Uniform(), y, pre).item() == pytest.approx(8.0)
+    assert bits_per_dim(Uniform(), y, pre, bins=16).item() == pytest.approx(4.0)
+
+
+def test_bits_per_dim_logit_preprocessing_counts_the_jacobian():
+    class StdNormal(torch.nn.Module):
+        def log_prob(self, y):
+            return (-0.5 * y.pow(2) - 0.5 * LOG_2PI).flatten(1).sum(1)
+
+    alpha = 0.05
+    x01 = torch.rand(3, 2, 2, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    pre = ImagePreprocess("logit", alpha=alpha)
+    y, _ = pre(x01)
+    # log|dy/dx01| from autograd of y = logit(alpha + (1 - 2 alpha) x), independent of the layer's formula
+    xg = x01.clone().requires_grad_(True)
+    (dy,) = torch.autograd.grad(torch.logit(alpha + (1 - 2 * alpha) * xg).sum(), xg)
+    d = 8
+    log_p = StdNormal().log_prob(y) + dy.log().flatten(1).sum(1) - d * math.log(256)
+    expected = (-log_p / (d * math.log(2))).mean()
+    assert bits_per_dim(StdNormal(), y, pre).item() == pytest.approx(expected.item(), rel=1e-10)
+
+
+def test_presets_and_method_errors():
+    assert PRESETS["student"].lambdas == (1.0, 0.0, 0.0)
+    assert PRESETS["ilkd"].lambdas == (0.9, 0.1, 0.0) and PRESETS["ilkd"].latent == "ilkd"
+    assert PRESETS["skd"].lambdas == (0.85, 0.075, 0.075) and PRESETS["skd"].latent == "ilkd"
+    assert PRESETS["lkd"].latent == "lkd" and PRESETS["lkd"].lambdas[1] > 0
+    x = _tab()
+    student = MAF(4, depth=1)
+    out = distillation_loss(None, student, x, method="nll")
+    assert set(out.terms) == {"nll"}
+    assert out.total.item() == pytest.approx(nll(student, x).item())
+    with pytest.raises(ValueError, match="unknown distillation method 'kd'"):
+        distillation_loss(None, student, x, method="kd")
+    with pytest.raises(ValueError, match="no latent term"):
+        distillation_loss(freeze(MAF(4, depth=2)), student, x, method="student", lambdas=(1, 1, 0))
+    with pytest.raises(ValueError, match="needs a teacher"):
+        distillation_loss(None, student, x, method="ilkd")

@@ -1,0 +1,323 @@
+"""Tests of flowlib.train: the training loop, checkpoints, resuming, divergence guard, train_or_load."""
+
+import copy
+import hashlib
+import json
+import math
+
+import pytest
+import torch
+
+from flowlib.distill import freeze
+from flowlib.models import MAF, Glow
+from flowlib.train import (
+    TrainConfig,
+    TrainingDiverged,
+    config_diff,
+    config_hash,
+    evaluate,
+    history_frame,
+    load_checkpoint,
+    load_model,
+    resolve_device,
+    save_checkpoint,
+    train,
+    train_or_load,
+)
+
+
+def moons(n: int, seed: int) -> torch.Tensor:
+    """Two interleaved half circles with Gaussian noise, from a seeded generator."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.rand(n, generator=g) * math.pi
+    upper = torch.randint(0, 2, (n,), generator=g).bool()[:, None]
+    a = torch.stack([torch.cos(t), torch.sin(t)], 1)
+    b = torch.stack([1 - torch.cos(t), 0.5 - torch.sin(t)], 1)
+    return torch.where(upper, a, b) + 0.1 * torch.randn(n, 2, generator=g)
+
+
+TRAIN, VAL = moons(1024, 0), moons(256, 1)
+IMAGES = torch.randint(0, 256, (64, 1, 4, 4), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
+IMAGES_VAL = IMAGES[:16].clone()
+
+BASE = TrainConfig(name="toy", arch="maf", model_kwargs={"depth": 2, "hidden": 16}, dataset="moons",
+                   steps=30, batch_size=64, lr=3e-3, warmup_steps=5, eval_every=10, seed=0)
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models are tiny: one intra-op thread is faster and is not slowed down by a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _maf(seed=0, depth=2):
+    torch.manual_seed(seed)
+    return MAF(2, depth=depth, hidden=16)
+
+
+def _bytes(path):
+    return path.read_bytes()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------------
+
+def test_config_hash_is_stable_and_ignores_device_only():
+    d = BASE.to_dict()
+    del d["device"]
+    canonical = json.dumps(d, sort_keys=True, separators=(",", ":"))
+    assert config_hash(BASE) == hashlib.sha256(canonical.encode()).hexdigest()[:10]
+    assert config_hash(BASE.replace(device="cuda")) == config_hash(BASE)
+    assert config_hash(BASE.replace(lr=1e-4)) != config_hash(BASE)
+    assert config_hash(TrainConfig.from_dict(BASE.to_dict())) == config_hash(BASE)
+    student = BASE.replace(name="s", method="ilkd", teacher=BASE, lambdas=[0.9, 0.1, 0])
+    again = TrainConfig.from_dict(json.loads(json.dumps(student.to_dict())))
+    assert isinstance(again.teacher, TrainConfig) and again.lambdas == (0.9, 0.1, 0.0)
+    assert config_hash(again) == config_hash(student)
+    assert config_hash(student.replace(teacher=BASE.replace(seed=1))) != config_hash(student)
+    changed = student.replace(lr=1.0, teacher=BASE.replace(seed=1))
+    assert config_diff(student, changed) == ["lr", "teacher.seed"]
+    with pytest.raises(ValueError, match=r"unknown TrainConfig keys \['epochs'\]"):
+        TrainConfig.from_dict({"epochs": 3})
+    with pytest.raises(ValueError, match="unknown distillation method 'foo'"):
+        BASE.replace(method="foo")
+    assert not BASE.distilled and student.distilled
+
+
+def test_resolve_device(monkeypatch):
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="device='cuda' was requested but CUDA is not available"):
+        resolve_device("cuda")
+    assert resolve_device("auto") == torch.device("cpu")
+
+
+def test_save_checkpoint_is_atomic(tmp_path):
+    path = tmp_path / "ck.pt"
+    save_checkpoint(path, {"a": torch.ones(2)})
+    good = _bytes(path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("cannot pickle this")
+
+    with pytest.raises(RuntimeError, match="cannot pickle this"):  # torch.save fails midway
+        save_checkpoint(path, {"a": torch.zeros(2), "f": Unpicklable()})
+    assert _bytes(path) == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pt"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------
+
+def test_training_lowers_validation_nll_and_keeps_best(tmp_path):
+    model = _maf()
+    before = evaluate(model, VAL)
+    config = BASE.replace(steps=150, eval_every=25, lr=5e-3, warmup_steps=10)
+    history = train(model, TRAIN, VAL, config, checkpoint_dir=tmp_path, progress=False)
+    after = evaluate(model, VAL)
+    assert after["nll"] < before["nll"] - 0.4, (before, after)
+    assert after["bpd"] == pytest.approx(after["nll"] / (2 * math.log(2)))
+    frame = history_frame(history)
+    assert list(frame["step"]) == list(range(1, 151))
+    assert {"loss", "nll", "bpd", "val_nll", "val_bpd", "lr", "time", "term_nll"} <= set(frame.columns)
+    evals = frame.dropna(subset=["val_nll"])
+    assert list(evals["step"]) == [25, 50, 75, 100, 125, 150]
+    assert evals["val_nll"].iloc[-1] == pytest.approx(after["nll"], rel=1e-6)
+    # warm-up: lr grows linearly to its value at warmup_steps
+    assert frame["lr"].iloc[0] == pytest.approx(5e-3 / 10) and frame["lr"].iloc[9] == pytest.approx(5e-3)
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert best["val_nll"] == pytest.approx(evals["val_nll"].min())
+    assert best["step"] == int(evals.loc[evals["val_nll"].idxmin(), "step"])
+    last = load_checkpoint(tmp_path / "last.pt")
+    assert last["finished"] and last["step"] == 150
+    assert evaluate(load_model(tmp_path / "best.pt"), VAL)["nll"] == pytest.approx(best["val_nll"], rel=1e-6)
+
+
+def test_actnorm_initialises_on_the_first_real_batch():
+    torch.manual_seed(0)
+    model = Glow((2,), depth=1, hidden=8)
+    seen = []
+    config = BASE.replace(arch="glow", steps=1, lr=1e-12, weight_decay=0.0)
+    train(model, TRAIN * 3 + 1, VAL, config, progress=False, batch_hook=lambda s, x: seen.append(x.clone()))
+    actnorm = model.steps[0].actnorm
+    assert bool(actnorm.initialized)
+    assert torch.allclose(actnorm.bias, seen[0].mean(0), atol=1e-6)
+    assert torch.allclose(actnorm.log_scale.exp(), seen[0].std(0, unbiased=False), atol=1e-5)
+
+
+def test_nan_batch_stops_at_that_step_and_keeps_checkpoints(tmp_path):
+    snapshot = {}
+
+    def hook(step, x):
+        if step == 11:  # after the step-10 evaluation wrote both checkpoints
+            snapshot.update({n: _bytes(tmp_path / n) for n in ("best.pt", "last.pt")})
+        if step == 13:
+            x = x.clone()
+            x[0, 0] = float("nan")
+            return x
+        return None
+
+    with pytest.raises(TrainingDiverged, match="step 13: the loss is not finite") as err:
+        train(_maf(), TRAIN, VAL, BASE, checkpoint_dir=tmp_path, progress=False, batch_hook=hook)
+    assert err.value.step == 13 and err.value.what == "loss"
+    assert math.isfinite(err.value.last_loss) and f"{err.value.last_loss:.6g}" in str(err.value)
+    for name, content in snapshot.items():
+        assert _bytes(tmp_path / name) == content, name
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 10
+
+
+def test_nan_gradient_stops_training(tmp_path):
+    model = _maf()
+    poison = {"on": False}
+    first = next(model.parameters())
+    first.register_hook(lambda g: g * float("nan") if poison["on"] else g)
+
+    def hook(step, x):
+        poison["on"] = step == 7
+
+    with pytest.raises(TrainingDiverged, match="step 7: the gradient norm is not finite") as err:
+        train(model, TRAIN, VAL, BASE.replace(eval_every=5), checkpoint_dir=tmp_path, progress=False,
+              batch_hook=hook)
+    assert err.value.step == 7
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 5
+
+
+def _resume_case(kind):
+    """(model factory, train data, val data, config, teacher) for the resume test."""
+    if kind == "maf-skd":
+        teacher = _maf(seed=7, depth=3)
+        train(teacher, TRAIN, VAL, BASE.replace(steps=20), progress=False)
+        config = BASE.replace(name="student", method="skd", model_kwargs={"depth": 1, "hidden": 16},
+                              skd_samples=16)
+        return (lambda: _maf(seed=3, depth=1)), TRAIN, VAL, config, freeze(teacher)
+    config = BASE.replace(name="img", arch="glow", model_kwargs={"levels": 1, "depth": 2, "hidden": 8},
+                          batch_size=16)
+
+    def build():
+        torch.manual_seed(3)
+        return Glow((1, 4, 4), levels=1, depth=2, hidden=8)
+
+    return build, IMAGES, IMAGES_VAL, config, None
+
+
+@pytest.mark.parametrize("kind", ["maf-skd", "glow-images"])
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, kind):
+    build, train_x, val_x, config, teacher = _resume_case(kind)
+    teacher_state = copy.deepcopy(teacher.state_dict()) if teacher is not None else None
+    full_model = build()
+    full = train(full_model, train_x, val_x, config, teacher=teacher, checkpoint_dir=tmp_path / "a",
+                 progress=False)
+
+    def interrupt(step, x):
+        if step == 25:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(build(), train_x, val_x, config, teacher=teacher, checkpoint_dir=tmp_path / "b",
+              progress=False, batch_hook=interrupt)
+    assert load_checkpoint(tmp_path / "b" / "last.pt")["step"] == 20
+    resumed_model = build()
+    resumed = train(resumed_model, train_x, val_x, config, teacher=teacher, checkpoint_dir=tmp_path / "b",
+                    progress=False)
+    assert [h["step"] for h in resumed] == list(range(1, 31))
+    assert [h["loss"] for h in resumed] == [h["loss"] for h in full]
+    assert [h["val_nll"] for h in resumed if h["step"] % 10 == 0] == [h["val_nll"] for h in full if
+                                                                     h["step"] % 10 == 0]
+    for (name, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values()):
+        assert torch.equal(a, b), name
+    if teacher is not None:  # the teacher was never updated
+        assert all(torch.equal(teacher_state[k], v) for k, v in teacher.state_dict().items())
+    # a finished run is not trained again, and a different config is refused with the differing keys
+    again = train(build(), train_x, val_x, config, teacher=teacher, checkpoint_dir=tmp_path / "b",
+                  progress=False, batch_hook=interrupt)
+    assert [h["loss"] for h in again] == [h["loss"] for h in full]
+    with pytest.raises(ValueError, match=r"differing keys: lr \(stored 0.003, given 0.01\)"):
+        train(build(), train_x, val_x, config.replace(lr=1e-2), teacher=teacher,
+              checkpoint_dir=tmp_path / "b", progress=False)
+
+
+def test_image_training_reports_bits_per_dim_with_dequantisation():
+    torch.manual_seed(0)
+    model = Glow((1, 4, 4), levels=1, depth=1, hidden=8)
+    config = BASE.replace(arch="glow", steps=2, eval_every=2, batch_size=8)
+    history = train(model, IMAGES, IMAGES_VAL, config, progress=False)
+    rec = history[-1]
+    # glow preprocessing (x - 0.5) has log-det 0, so bits/dim = nll / (D ln 2) + log2(256)
+    assert rec["bpd"] == pytest.approx(rec["nll"] / (16 * math.log(2)) + 8, rel=1e-6)
+    assert rec["val_bpd"] == pytest.approx(rec["val_nll"] / (16 * math.log(2)) + 8, rel=1e-6)
+
+
+def test_distilled_config_without_teacher_is_refused():
+    with pytest.raises(ValueError, match="pass teacher="):
+        train(_maf(), TRAIN, VAL, BASE.replace(method="ilkd"), progress=False)
+
+
+# ----------------------------------------------------------------------------------------------------
+# train_or_load
+# ----------------------------------------------------------------------------------------------------
+
+def _data_fn(calls):
+    def data_fn(name, split):
+        calls.append((name, split))
+        assert name == "moons"
+        return {"train": TRAIN, "val": VAL}[split]
+    return data_fn
+
+
+def test_train_or_load_trains_teacher_first_then_loads(tmp_path):
+    teacher_cfg = BASE.replace(name="teacher", model_kwargs={"depth": 3, "hidden": 16}, steps=20)
+    student_cfg = BASE.replace(name="student", method="ilkd", teacher=teacher_cfg, steps=20)
+    calls = []
+    model, history = train_or_load(student_cfg, data_fn=_data_fn(calls), checkpoint_root=tmp_path,
+                                   progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f"teacher-{config_hash(teacher_cfg)}", f"student-{config_hash(student_cfg)}"])
+    assert ("moons", "train") in calls and len(history) == 20 and "ilkd" in history[-1]["terms"]
+    assert not model.training
+
+    def no_data(name, split):
+        raise AssertionError("a finished run must load without data")
+
+    loaded, loaded_history = train_or_load(student_cfg, data_fn=no_data, checkpoint_root=tmp_path,
+                                           progress=False)
+    assert [h["loss"] for h in loaded_history] == [h["loss"] for h in history]
+    for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
+        assert torch.equal(a, b)
+    best = load_checkpoint(tmp_path / f"student-{config_hash(student_cfg)}" / "best.pt")
+    assert evaluate(loaded, VAL)["nll"] == pytest.approx(best["val_nll"], rel=1e-6)
+
+
+def test_train_or_load_resumes_partial_run(tmp_path):
+    config = BASE.replace(steps=20)
+    directory = tmp_path / f"{config.name}-{config_hash(config)}"
+
+    def interrupt(step, x):
+        if step == 15:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        torch.manual_seed(config.seed)
+        train(MAF(2, **config.model_kwargs), TRAIN, VAL, config, checkpoint_dir=directory, progress=False,
+              batch_hook=interrupt)
+    assert load_checkpoint(directory / "last.pt")["step"] == 10
+    _, resumed = train_or_load(config, data_fn=_data_fn([]), checkpoint_root=tmp_path, progress=False)
+    _, fresh = train_or_load(config, data_fn=_data_fn([]), checkpoint_root=tmp_path / "fresh", progress=False)
+    assert [h["loss"] for h in resumed] == [h["loss"] for h in fresh]
+
+
+def test_train_or_load_refuses_a_checkpoint_with_another_config(tmp_path):
+    config = BASE.replace(steps=10)
+    directory = tmp_path / f"{config.name}-{config_hash(config)}"
+    train(_maf(), TRAIN, VAL, config.replace(batch_size=32), checkpoint_dir=directory, progress=False)
+    with pytest.raises(ValueError, match=r"differing keys: batch_size \(stored 32, given 64\)"):
+        train_or_load(config, data_fn=_data_fn([]), checkpoint_root=tmp_path, progress=False)
