@@ -17,7 +17,10 @@ from dataclasses import dataclass
 from .data import info
 from .train import TrainConfig
 
-__all__ = ["METHODS", "SIZES", "Budget", "budget", "student_config", "teacher_config"]
+__all__ = [
+    "METHODS", "METHOD_LABELS", "SIZES", "Budget", "budget", "evaluate_runs", "student_config", "summarise",
+    "teacher_config",
+]
 
 METHODS = ("nll", "lkd", "ilkd", "skd")
 
@@ -54,8 +57,9 @@ class Budget:
 def budget(kind: str, role: str, fast: bool) -> Budget:
     """Steps, batch size and learning rate for a tabular/image teacher/student run."""
     if fast:
+        # one validation pass, at the end: evaluation dominates a fast run otherwise
         return Budget(steps=40 if kind == "tabular" else 12, batch_size=256 if kind == "tabular" else 32,
-                      lr=2e-3, warmup_steps=5, eval_every=20 if kind == "tabular" else 6)
+                      lr=2e-3, warmup_steps=5, eval_every=40 if kind == "tabular" else 12)
     if kind == "tabular":
         steps = 4000 if role == "teacher" else 3000
         return Budget(steps=steps, batch_size=512, lr=2e-3, warmup_steps=200, eval_every=250)
@@ -98,3 +102,78 @@ def student_config(arch: str, dataset: str, method: str = "nll", *, fast: bool =
         warmup_steps=b.warmup_steps, eval_every=b.eval_every, seed=seed, device=device, method=method,
         lambdas=lambdas, teacher=teacher if method != "nll" else None,
     )
+
+
+def _test_metric(model, dataset: str, seed: int, max_test: int | None = None) -> dict:
+    """Test log-likelihood (tabular, nats) or bits/dim (images) with its standard error."""
+    import torch
+
+    from .bijectors import ImagePreprocess
+    from .data import load, to_model_space
+    from .metrics import test_bits_per_dim, test_log_likelihood
+
+    x = load(dataset, "test", seed=seed)
+    if max_test is not None:
+        x = x[:max_test]
+    if _kind(dataset) == "tabular":
+        mean, se = test_log_likelihood(model, x)
+        return {"test_ll": mean, "test_ll_stderr": se, "n_test": len(x)}
+    y, _ = to_model_space(x, kind="glow", generator=torch.Generator().manual_seed(seed))
+    mean, se = test_bits_per_dim(model, y, preprocess=ImagePreprocess("glow"))
+    return {"test_bpd": mean, "test_bpd_stderr": se, "n_test": len(x)}
+
+
+def evaluate_runs(arch: str, dataset: str, methods, seeds, *, fast: bool = False, device: str = "cpu",
+                  checkpoint_root="checkpoints", teacher_seed: int = 0, max_test: int | None = None,
+                  progress: bool = True) -> list[dict]:
+    """Train (or load) the teacher and every (method, seed) student; one row of test metrics per model.
+
+    Rows: ``arch, dataset, model ("teacher" or the method), seed, params_k`` and ``test_ll`` (tabular) or
+    ``test_bpd`` (images) with standard errors. Teachers are listed once, with ``seed = teacher_seed``.
+    """
+    from .metrics import parameter_count_k
+    from .train import train_or_load
+
+    rows = []
+    teacher, _ = train_or_load(teacher_config(arch, dataset, fast=fast, seed=teacher_seed, device=device),
+                               checkpoint_root=checkpoint_root, progress=progress)
+    rows.append({"arch": arch, "dataset": dataset, "model": "teacher", "seed": teacher_seed,
+                 "params_k": parameter_count_k(teacher),
+                 **_test_metric(teacher, dataset, teacher_seed, max_test)})
+    for method in methods:
+        for seed in seeds:
+            config = student_config(arch, dataset, method, fast=fast, seed=seed, teacher_seed=teacher_seed,
+                                    device=device)
+            student, history = train_or_load(config, checkpoint_root=checkpoint_root, progress=progress)
+            rows.append({"arch": arch, "dataset": dataset, "model": method, "seed": seed,
+                         "params_k": parameter_count_k(student), "train_seconds": history[-1]["time"],
+                         **_test_metric(student, dataset, seed, max_test)})
+    return rows
+
+
+METHOD_LABELS = {"teacher": "Teacher", "nll": "Student", "lkd": "LKD Student", "ilkd": "ILKD Student",
+                 "skd": "SKD Student"}
+
+
+def summarise(rows: list[dict], metric: str = "test_ll"):
+    """Per (arch, dataset, model): mean, std and count over seeds, and the gap closure of each distilled
+    row, ``(distilled - student) / (teacher - student)`` on the means (1 = as good as the teacher)."""
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    grouped = frame.groupby(["arch", "dataset", "model"], sort=False)[metric]
+    table = grouped.agg(["mean", "std", "count"]).reset_index()
+    table["std"] = table["std"].fillna(0.0)
+    closures = []
+    for _, r in table.iterrows():
+        same = table[(table.arch == r.arch) & (table.dataset == r.dataset)]
+        teacher = same[same.model == "teacher"]["mean"]
+        student = same[same.model == "nll"]["mean"]
+        if r.model in ("teacher", "nll") or teacher.empty or student.empty:
+            closures.append(float("nan"))
+            continue
+        gap = float(teacher.iloc[0] - student.iloc[0])
+        closures.append(float((r["mean"] - student.iloc[0]) / gap) if gap != 0 else float("nan"))
+    table["gap_closure"] = closures
+    table["label"] = table.model.map(METHOD_LABELS)
+    return table
