@@ -1,0 +1,501 @@
+"""Self Normalizing Flows (Keller, Peters, Jaini, Hoogeboom, Forre and Welling, ICML 2021).
+
+A linear flow layer ``z = W x`` contributes ``log|det W|`` to the log-likelihood; its gradient
+``W^{-T}`` costs O(D^3). The paper keeps a second matrix ``R`` that learns to approximate ``W^{-1}``
+through a reconstruction loss and replaces ``W^{-T}`` in the gradient by ``R^T`` (its self
+normalizing layers), so a training step costs O(D^2). For a self-normalizing layer, with ``x``
+detached,
+
+* gradient of the log-likelihood w.r.t. ``W``: ``delta_z x^T + R^T`` (instead of ``delta_z x^T + W^{-T}``),
+* reconstruction loss ``E = lambda * ||x - R W x||^2``, whose gradient reaches both ``R`` and ``W``
+  (``dE/dW = 2 lambda R^T (x_hat - x) x^T``, ``dE/dR = 2 lambda (x_hat - x) z^T``).
+
+For a convolution (the paper's self normalizing convolutional layer) the surrogate gradient of
+``log|det|`` w.r.t. the kernel ``w`` is ``flip(r) * m``, where ``flip`` swaps the input and output
+channels and mirrors the kernel spatially (the kernel of the transposed convolution) and ``m`` counts
+how often each kernel entry appears in the matrix of the convolution. With zero padding ("same"),
+``m`` at spatial offset ``(dy, dx)`` is ``(H - |dy|) * (W - |dx|)``, and ``flip(r) * m`` is *exactly*
+``tr(R_op dJ/dw)`` with ``R_op`` the matrix of the ``r``-convolution: the surrogate is the exact
+gradient whenever ``R_op = J^{-1}``.
+
+What the numbers mean
+---------------------
+* Training mode with gradients enabled (the training step): ``forward`` returns ``y = W x`` and a
+  log-det whose **value is 0** (the O(D^3) determinant is skipped) but whose **gradient** w.r.t. ``W``
+  is the surrogate above. So ``loss = -model.log_prob(x).mean() + selfnorm_loss(model)`` gives the SNF
+  gradient in one ``backward()``, but its *value* is the negative log-likelihood **without** the
+  self-normalizing layers' ``log|det W|`` terms, plus the reconstruction penalty: not a likelihood.
+  Inside :func:`exact_logdet_values` the value is the exact log-det (computed without gradient, O(D^3)),
+  the gradient is unchanged.
+* Evaluation mode, or any pass without gradients: the log-det is exact (``slogdet`` of ``W``; for a
+  convolution the determinant of the convolution as a linear map, see :class:`SelfNormConv2d`), so
+  ``model.eval(); model.log_prob(x)`` is the exact log-density.
+* ``inverse`` uses the learned inverse ``R`` (fast, approximate: the paper's sampling) and returns the
+  exact ``log|det|`` of the map it applied (that of ``R``; O(D^3) once, then cached while ``R`` is
+  unchanged and no gradient is needed); inside :func:`exact_inverse` it solves with ``W`` instead.
+
+``exact=True`` builds the exact-gradient twin (the paper's "Exact" baselines): the same unconstrained
+``W``, no ``R``, the log-det and its gradient through ``slogdet`` (O(D^3)), exact inverse.
+
+Not implemented: the paper's symmetric objective that also trains ``R`` on the likelihood of the
+inverse model (``1/2 log p_f + 1/2 log p_g``); here ``R`` is trained by the reconstruction loss only
+(``W`` gets the same surrogate gradient either way).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .bijectors import ActNorm
+from .models import Encoding, Flow, Glow
+
+__all__ = [
+    "LeakyReLUFlow",
+    "SelfNormConv2d",
+    "SelfNormFC",
+    "SelfNormGlow",
+    "SelfNormLinear",
+    "conv_operator",
+    "exact_inverse",
+    "exact_logdet_values",
+    "inverse_errors",
+    "selfnorm_layers",
+    "selfnorm_loss",
+]
+
+
+class _SelfNormLogdet(torch.autograd.Function):
+    """A log-det whose value is given and whose gradient w.r.t. ``weight`` is a given surrogate.
+
+    ``apply(weight, surrogate_grad, value)`` returns ``value`` (a detached scalar: 0 or the exact
+    log-det); backward returns ``grad_output * surrogate_grad`` for ``weight`` (``R^T`` for a dense
+    layer, ``flip(r) * m`` for a convolution) and nothing for the other inputs, so ``R`` gets no
+    gradient from the log-det (it is trained by the reconstruction loss).
+    """
+
+    @staticmethod
+    def forward(ctx, weight, surrogate_grad, value):
+        ctx.save_for_backward(surrogate_grad)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (surrogate_grad,) = ctx.saved_tensors
+        return grad_output * surrogate_grad, None, None
+
+
+def _orthogonal(n: int) -> torch.Tensor:
+    q, r = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))
+    return (q * torch.sign(torch.diagonal(r))).float()
+
+
+class _SelfNormLayer(nn.Module):
+    """Shared machinery of :class:`SelfNormLinear` and :class:`SelfNormConv2d`."""
+
+    features: int
+
+    def __init__(self, features: int, weight: torch.Tensor, exact: bool, recon_weight: float):
+        super().__init__()
+        if recon_weight < 0:
+            raise ValueError(f"recon_weight (lambda) must be >= 0, got {recon_weight}")
+        self.features, self.exact, self.recon_weight = features, bool(exact), float(recon_weight)
+        self.weight = nn.Parameter(weight)
+        # R starts as W^T, the exact inverse of the orthogonal initial W (paper's initialisation).
+        if exact:
+            self.register_parameter("inverse_weight", None)
+        else:
+            self.inverse_weight = nn.Parameter(self._transpose_kernel(weight.clone()))
+        self.logdet_value_in_training = False  # set by exact_logdet_values()
+        self.use_exact_inverse = False  # set by exact_inverse()
+        self._recon: torch.Tensor | None = None
+        self._cache: dict[str, tuple] = {}
+
+    # -- subclass hooks -----------------------------------------------------------------------------
+    @staticmethod
+    def _transpose_kernel(w: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _check(self, x: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _apply_map(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _logdet_of(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Exact log|det| of the linear map with kernel ``w`` on inputs shaped like ``x`` (scalar)."""
+        raise NotImplementedError
+
+    def _surrogate_grad(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _solve(self, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- shared -------------------------------------------------------------------------------------
+    def _cached_logdet(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Exact log|det| of the map with kernel ``name`` ("weight" or "inverse_weight"), a scalar. Cached
+        (O(D^3) once) while the kernel is unchanged and no gradient is needed, so repeated evaluation
+        and sampling do not pay for it again."""
+        w = getattr(self, name)
+        if torch.is_grad_enabled() and w.requires_grad:
+            return self._logdet_of(w, x)
+        key = (w._version, w.data_ptr(), w.dtype, w.device, tuple(x.shape[2:]))
+        hit = self._cache.get(name)
+        if hit is None or hit[0] != key:
+            hit = self._cache[name] = (key, self._logdet_of(w.detach(), x))
+        return hit[1]
+
+    def _exact_logdet(self, x: torch.Tensor) -> torch.Tensor:
+        return self._cached_logdet("weight", x)
+
+    def _selfnorm_active(self) -> bool:
+        return (not self.exact) and self.training and torch.is_grad_enabled() and self.weight.requires_grad
+
+    def forward(self, x: torch.Tensor):
+        self._check(x)
+        y = self._apply_map(x, self.weight)
+        if not self._selfnorm_active():
+            return y, self._exact_logdet(x).expand(x.shape[0])
+        xd = x.detach()
+        x_hat = self._apply_map(self._apply_map(xd, self.weight), self.inverse_weight)
+        self._recon = (xd - x_hat).pow(2).reshape(x.shape[0], -1).sum(dim=1).mean()
+        if self.logdet_value_in_training:
+            with torch.no_grad():
+                value = self._logdet_of(self.weight.detach(), x)
+        else:
+            value = x.new_zeros(())
+        logdet = _SelfNormLogdet.apply(self.weight, self._surrogate_grad(x).detach(), value)
+        return y, logdet.expand(x.shape[0])
+
+    def inverse(self, y: torch.Tensor):
+        """Decode: ``x = R y`` (learned inverse) or, in :func:`exact_inverse` / ``exact=True``, the solve
+        with ``W``. Returns the exact log|det| of the map applied."""
+        self._check(y)
+        if self.exact or self.use_exact_inverse:
+            return self._solve(y), -self._exact_logdet(y).expand(y.shape[0])
+        x = self._apply_map(y, self.inverse_weight)
+        return x, self._cached_logdet("inverse_weight", y).expand(y.shape[0])
+
+    def reconstruction_loss(self) -> torch.Tensor:
+        """``lambda * mean_n ||x_n - R W x_n||^2`` of the last training forward pass (x detached).
+
+        The paper's approximate-inverse objective; its gradient reaches ``R`` and ``W``. Zero for the
+        exact twin.
+        """
+        if self.exact:
+            return self.weight.new_zeros(())
+        if self._recon is None:
+            raise RuntimeError(
+                f"{type(self).__name__} has no reconstruction term yet: run a forward pass in training "
+                "mode with gradients enabled (model.train()) before collecting selfnorm_loss(model)"
+            )
+        return self.recon_weight * self._recon
+
+
+class SelfNormLinear(_SelfNormLayer):
+    """Self-normalizing fully connected layer ``z = W x`` on (N, D), with learned inverse ``R``.
+
+    The paper's self normalizing fully connected layer: the gradient of ``log|det W|`` is taken as
+    ``R^T``; ``R`` is trained with ``recon_weight * ||x - R W x||^2`` (``lambda``; the paper uses 1 for
+    its FC models). ``W`` starts random orthogonal and ``R = W^T``. In evaluation the log-det is
+    ``slogdet(W)`` (exact). See the module docstring for what the training-mode log-det value means.
+    ``exact=True``: the exact-gradient twin (no ``R``, ``slogdet`` with autograd).
+    """
+
+    def __init__(self, dim: int, exact: bool = False, recon_weight: float = 1.0):
+        if dim < 1:
+            raise ValueError(f"SelfNormLinear needs dim >= 1, got {dim}")
+        super().__init__(dim, _orthogonal(dim), exact, recon_weight)
+
+    @staticmethod
+    def _transpose_kernel(w):
+        return w.T.contiguous()
+
+    def _check(self, x):
+        if x.dim() != 2 or x.shape[1] != self.features:
+            raise ValueError(
+                f"SelfNormLinear({self.features}) expects (N, {self.features}) input, got {tuple(x.shape)}"
+            )
+
+    def _apply_map(self, x, w):
+        return F.linear(x, w)
+
+    def _logdet_of(self, w, x):
+        return torch.linalg.slogdet(w)[1]
+
+    def _surrogate_grad(self, x):
+        return self.inverse_weight.T
+
+    def _solve(self, y):
+        return torch.linalg.solve(self.weight, y.T).T
+
+    def inverse_error(self) -> float:
+        """``||R W - I||_F`` (0 for the exact twin)."""
+        if self.exact:
+            return 0.0
+        with torch.no_grad():
+            eye = torch.eye(self.features, dtype=self.weight.dtype, device=self.weight.device)
+            return torch.linalg.matrix_norm(self.inverse_weight @ self.weight - eye).item()
+
+    def extra_repr(self) -> str:
+        return f"dim={self.features}, exact={self.exact}, recon_weight={self.recon_weight}"
+
+
+def conv_operator(weight: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The (D, D) matrix ``J`` of ``x -> conv2d(x, weight, padding=k // 2)`` on (C, height, width)
+    inputs, D = C * height * width, so that ``conv(x).flatten() = J @ x.flatten()``.
+
+    Built by convolving the D basis images (O(D^2 k^2 C) time, O(D^2) memory); differentiable in
+    ``weight``. Its ``slogdet`` is the exact log-det of a zero-padded convolution.
+    """
+    c = weight.shape[1]
+    d = c * height * width
+    basis = torch.eye(d, dtype=weight.dtype, device=weight.device).view(d, c, height, width)
+    return F.conv2d(basis, weight, padding=weight.shape[-1] // 2).reshape(d, -1).T
+
+
+class SelfNormConv2d(_SelfNormLayer):
+    """Self-normalizing convolution ``z = w * x`` on (N, C, H, W) ("same" zero padding, odd kernel).
+
+    The paper's self normalizing convolution: the gradient of ``log|det J|`` w.r.t. the kernel is
+    taken as ``flip(r) * m`` (see the module docstring; exact when ``R_op = J^{-1}``); ``r`` is trained by
+    ``recon_weight * ||x - r * (w * x)||^2``. The kernel starts as a random orthogonal channel mixer at
+    the centre tap (zero elsewhere) and ``r`` as its exact inverse.
+
+    Exact log-det in evaluation: for ``kernel_size=1``, ``H * W * log|det w|`` of the C x C matrix; for
+    larger kernels, ``slogdet`` of the full (CHW x CHW) convolution matrix :func:`conv_operator` (the
+    FFT/circulant shortcut is not exact for zero padding), allowed up to ``max_operator_dim`` dimensions
+    (O(D^3) time, O(D^2) memory). The exact inverse likewise solves with that matrix.
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 1, exact: bool = False, recon_weight: float = 1.0,
+                 max_operator_dim: int = 8192):
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd and >= 1 (\"same\" padding), got {kernel_size}")
+        if channels < 1:
+            raise ValueError(f"SelfNormConv2d needs channels >= 1, got {channels}")
+        weight = torch.zeros(channels, channels, kernel_size, kernel_size)
+        weight[:, :, kernel_size // 2, kernel_size // 2] = _orthogonal(channels)
+        super().__init__(channels, weight, exact, recon_weight)
+        self.kernel_size = kernel_size
+        self.max_operator_dim = max_operator_dim
+        self._last_hw: tuple[int, int] | None = None
+
+    @staticmethod
+    def _transpose_kernel(w):
+        return w.transpose(0, 1).flip(2, 3).contiguous()
+
+    def _check(self, x):
+        if x.dim() != 4 or x.shape[1] != self.features:
+            raise ValueError(
+                f"SelfNormConv2d({self.features}) expects (N, {self.features}, H, W) input, "
+                f"got {tuple(x.shape)}"
+            )
+        self._last_hw = (x.shape[2], x.shape[3])
+
+    def _apply_map(self, x, w):
+        return F.conv2d(x, w, padding=self.kernel_size // 2)
+
+    def _operator(self, w, height, width):
+        d = self.features * height * width
+        if d > self.max_operator_dim:
+            raise ValueError(
+                f"the exact log-det / inverse of a {self.kernel_size}x{self.kernel_size} convolution on "
+                f"{self.features}x{height}x{width} inputs needs a {d}x{d} matrix, above max_operator_dim="
+                f"{self.max_operator_dim}; raise max_operator_dim, use smaller images or kernel_size=1"
+            )
+        return conv_operator(w, height, width)
+
+    def _logdet_of(self, w, x):
+        h, wd = x.shape[2], x.shape[3]
+        if self.kernel_size == 1:
+            return torch.linalg.slogdet(w[:, :, 0, 0])[1] * (h * wd)
+        return torch.linalg.slogdet(self._operator(w, h, wd))[1]
+
+    def _multiplicity(self, height, width, ref):
+        """``m[dy, dx] = (H - |dy|)(W - |dx|)``: how often each kernel tap appears in the conv matrix."""
+        off = torch.arange(self.kernel_size, device=ref.device) - self.kernel_size // 2
+        my = (height - off.abs()).clamp(min=0)
+        mx = (width - off.abs()).clamp(min=0)
+        return (my[:, None] * mx[None, :]).to(ref.dtype)
+
+    def _surrogate_grad(self, x):
+        m = self._multiplicity(x.shape[2], x.shape[3], self.weight)
+        return self._transpose_kernel(self.inverse_weight) * m
+
+    def _solve(self, y):
+        n, c, h, w = y.shape
+        if self.kernel_size == 1:
+            inv = torch.linalg.inv(self.weight[:, :, 0, 0])
+            return F.conv2d(y, inv[:, :, None, None])
+        op = self._operator(self.weight, h, w)
+        return torch.linalg.solve(op, y.reshape(n, -1).T).T.reshape(n, c, h, w)
+
+    def inverse_error(self, height: int | None = None, width: int | None = None) -> float:
+        """``||R W - I||_F``: of the C x C matrices for ``kernel_size=1``; otherwise of the convolution
+        matrices ``R_op J`` on ``height x width`` images (default: the last input's size)."""
+        if self.exact:
+            return 0.0
+        with torch.no_grad():
+            if self.kernel_size == 1:
+                w, r = self.weight[:, :, 0, 0], self.inverse_weight[:, :, 0, 0]
+            else:
+                if height is None or width is None:
+                    if self._last_hw is None:
+                        raise ValueError("pass height and width, or run the layer on an input first")
+                    height, width = self._last_hw
+                w = self._operator(self.weight, height, width)
+                r = self._operator(self.inverse_weight, height, width)
+            eye = torch.eye(w.shape[0], dtype=w.dtype, device=w.device)
+            return torch.linalg.matrix_norm(r @ w - eye).item()
+
+    def extra_repr(self) -> str:
+        return (f"channels={self.features}, kernel_size={self.kernel_size}, exact={self.exact}, "
+                f"recon_weight={self.recon_weight}")
+
+
+class LeakyReLUFlow(nn.Module):
+    """Elementwise leaky ReLU ``y = x`` (x >= 0), ``alpha x`` (x < 0), ``0 < alpha``; the invertible
+    nonlinearity between the dense layers of :class:`SelfNormFC`. log|det| = ``log(alpha) * #(x < 0)``."""
+
+    def __init__(self, negative_slope: float = 0.1):
+        super().__init__()
+        if not negative_slope > 0:
+            raise ValueError(f"negative_slope must be > 0 for invertibility, got {negative_slope}")
+        self.negative_slope = float(negative_slope)
+
+    def forward(self, x):
+        neg = x < 0
+        y = torch.where(neg, x * self.negative_slope, x)
+        return y, math.log(self.negative_slope) * neg.reshape(x.shape[0], -1).sum(1).to(x.dtype)
+
+    def inverse(self, y):
+        neg = y < 0
+        x = torch.where(neg, y / self.negative_slope, y)
+        return x, -math.log(self.negative_slope) * neg.reshape(y.shape[0], -1).sum(1).to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"negative_slope={self.negative_slope}"
+
+
+class SelfNormFC(Flow):
+    """Fully connected self-normalizing flow on (N, D), after the paper's "SNF FC" models.
+
+    ``layers`` blocks of ``ActNorm -> SelfNormLinear -> LeakyReLUFlow`` (the last block without the
+    nonlinearity). ActNorm supplies the per-dimension shift and scale and, placed before the dense layer,
+    gives its input unit variance in every direction of the data basis, so the reconstruction loss
+    ``||x - R W x||^2`` (which only constrains ``R W`` along directions the inputs occupy) pins ``R``
+    down evenly. ``exact=True`` builds the exact-gradient twin with the same architecture. ``latents``
+    holds every block's output.
+    """
+
+    def __init__(self, dim: int, layers: int = 2, exact: bool = False, recon_weight: float = 1.0,
+                 negative_slope: float = 0.1):
+        super().__init__()
+        if dim < 1 or layers < 1:
+            raise ValueError(f"dim and layers must be >= 1, got dim={dim}, layers={layers}")
+        self.input_shape = (int(dim),)
+        self.latent_shapes = [(int(dim),)]
+        self.exact = exact
+        self.blocks = nn.ModuleList()
+        for i in range(layers):
+            block = [ActNorm(dim), SelfNormLinear(dim, exact=exact, recon_weight=recon_weight)]
+            if i < layers - 1:
+                block.append(LeakyReLUFlow(negative_slope))
+            self.blocks.append(nn.ModuleList(block))
+
+    def encode(self, x: torch.Tensor) -> Encoding:
+        self._check_input(x)
+        logdet = x.new_zeros(x.shape[0])
+        latents = []
+        for block in self.blocks:
+            for layer in block:
+                x, ld = layer(x)
+                logdet = logdet + ld
+            latents.append(x)
+        return Encoding([x], logdet, latents)
+
+    def decode(self, z) -> torch.Tensor:
+        x = self._as_latent_list(z)[0]
+        for block in reversed(self.blocks):
+            for layer in reversed(block):
+                x, _ = layer.inverse(x)
+        return x
+
+
+class SelfNormGlow(Glow):
+    """Glow (:class:`flowlib.models.Glow`) whose dense / 1x1 mixing layers are self-normalizing.
+
+    Every flow step is ``ActNorm -> SelfNormLinear`` (tabular) or ``SelfNormConv2d(kernel_size)``
+    (images) ``-> AffineCoupling``, replacing Glow's LU layer by an unconstrained ``W`` trained with the
+    surrogate gradient (the paper's "SNF Glow"; it uses ``lambda`` of 100-1000 for image models).
+    ``exact=True`` is the exact-gradient twin (unconstrained ``W``, ``slogdet`` gradient).
+    """
+
+    def __init__(self, shape, levels: int | None = None, depth: int = 8, hidden: int = 64,
+                 exact: bool = False, recon_weight: float = 1.0, kernel_size: int = 1):
+        super().__init__(shape, levels=levels, depth=depth, hidden=hidden)
+        self.exact, self.kernel_size = exact, kernel_size
+        steps = self.steps if not self.image else [s for level in self.level_steps for s in level]
+        for step in steps:
+            f = step.mix.features
+            step.mix = (SelfNormConv2d(f, kernel_size, exact=exact, recon_weight=recon_weight) if self.image
+                        else SelfNormLinear(f, exact=exact, recon_weight=recon_weight))
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", exact={self.exact}, kernel_size={self.kernel_size}"
+
+
+def selfnorm_layers(model: nn.Module) -> list[_SelfNormLayer]:
+    """All :class:`SelfNormLinear` / :class:`SelfNormConv2d` layers of ``model``, in module order."""
+    return [m for m in model.modules() if isinstance(m, _SelfNormLayer)]
+
+
+def selfnorm_loss(model: nn.Module) -> torch.Tensor:
+    """Sum over layers of ``lambda * mean_n ||x_n - R W x_n||^2`` from the last training forward pass.
+
+    Add it to ``-model.log_prob(x).mean()`` to train a self-normalizing flow; it is 0 for the exact twin
+    (so the same loop trains both).
+    """
+    layers = selfnorm_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no self-normalizing layers")
+    total = layers[0].reconstruction_loss()
+    for layer in layers[1:]:
+        total = total + layer.reconstruction_loss()
+    return total
+
+
+def inverse_errors(model: nn.Module) -> list[float]:
+    """``||R W - I||_F`` of every self-normalizing layer (see ``inverse_error``)."""
+    return [layer.inverse_error() for layer in selfnorm_layers(model)]
+
+
+@contextmanager
+def _set_flag(model: nn.Module, name: str, value: bool) -> Iterator[nn.Module]:
+    layers = selfnorm_layers(model)
+    old = [getattr(layer, name) for layer in layers]
+    try:
+        for layer in layers:
+            setattr(layer, name, value)
+        yield model
+    finally:
+        for layer, v in zip(layers, old):
+            setattr(layer, name, v)
+
+
+def exact_logdet_values(model: nn.Module, enabled: bool = True):
+    """Context manager: in training mode, self-normalizing layers report the exact log-det *value*
+    (O(D^3), no gradient through it) instead of 0; their gradient is still the surrogate."""
+    return _set_flag(model, "logdet_value_in_training", enabled)
+
+
+def exact_inverse(model: nn.Module, enabled: bool = True):
+    """Context manager: ``inverse`` / ``decode`` / ``sample`` solve with ``W`` instead of applying ``R``."""
+    return _set_flag(model, "use_exact_inverse", enabled)
