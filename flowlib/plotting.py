@@ -1,0 +1,317 @@
+"""Figures and tables for the notebooks: sample grids, temperature sweeps, interpolation strips (Eq. 16),
+training curves, 2-D densities of toy data, and results tables in the paper's layout (Tables 1, 2, 4, 6).
+
+Every plot function returns its :class:`matplotlib.figure.Figure` (made with pyplot, so Jupyter shows
+it; close it with ``plt.close(fig)`` in loops) and, given ``path``, saves it atomically (temporary file
++ ``os.replace``). Every figure has a title and axis labels with units.
+
+Images can be given in three conventions (``space``): ``"model"`` (GLOW model space, ``y = x - 0.5``
+in [-0.5, 0.5); shown as ``clamp(y + 0.5, 0, 1)``), ``"unit"`` (floats in [0, 1]) or ``"pixels"``
+(uint8 or floats in [0, 255]).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+import torch
+from matplotlib.figure import Figure
+from torchvision.utils import make_grid
+
+from .metrics import format_cell
+
+__all__ = [
+    "PAPER_ROW_ORDER",
+    "image_grid",
+    "plot_density_2d",
+    "plot_interpolation",
+    "plot_samples",
+    "plot_scatter_2d",
+    "plot_temperature_sweep",
+    "plot_training_curves",
+    "results_table",
+    "save_figure",
+    "to_display",
+]
+
+#: Row order of the paper's tables (Tables 1, 4 and 6); other model names follow in order of appearance.
+PAPER_ROW_ORDER = ("Student", "LKD Student", "ILKD Student", "SKD Student", "Teacher")
+
+
+def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 150) -> Path:
+    """Save ``fig`` atomically (temporary file in the same folder, then ``os.replace``)."""
+    path = Path(path)
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fig.savefig(fh, format=fmt, dpi=dpi, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _finish(fig: Figure, path) -> Figure:
+    fig.tight_layout()
+    if path is not None:
+        save_figure(fig, path)
+    return fig
+
+
+def to_display(images: torch.Tensor, space: str = "model") -> torch.Tensor:
+    """Images (N, C, H, W) in the given convention -> float32 in [0, 1] for display."""
+    if not torch.is_tensor(images):
+        images = torch.as_tensor(np.asarray(images))
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"images must have shape (N, C, H, W) with C in {{1, 3}}, got {tuple(images.shape)}")
+    x = images.detach().cpu().to(torch.float32)
+    if space == "model":
+        x = x + 0.5
+    elif space == "pixels":
+        x = x / 255.0
+    elif space != "unit":
+        raise ValueError(f"unknown image convention {space!r}; choose 'model', 'unit' or 'pixels'")
+    return x.clamp(0.0, 1.0)
+
+
+def image_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2, pad_value: float = 1.0,
+               space: str = "model") -> np.ndarray:
+    """Arrange images in a grid with :func:`torchvision.utils.make_grid`: (H', W', 3) floats in [0, 1].
+
+    Image ``k`` sits at row ``k // nrow``, column ``k % nrow``, at offset ``padding + (size + padding) *
+    index`` along each axis; grey images are repeated to RGB.
+    """
+    grid = make_grid(to_display(images, space), nrow=nrow, padding=padding, pad_value=pad_value)
+    return grid.permute(1, 2, 0).numpy()
+
+
+def _show_grid(ax, grid: np.ndarray) -> None:
+    ax.imshow(grid, interpolation="nearest", vmin=0.0, vmax=1.0)
+
+
+def plot_samples(images: torch.Tensor, nrow: int = 8, title: str = "Samples", space: str = "model",
+                 padding: int = 2, path=None, figsize: tuple[float, float] | None = None) -> Figure:
+    """A grid of images (e.g. model samples; Figures 2 and 3 of the paper)."""
+    grid = image_grid(images, nrow=nrow, padding=padding, space=space)
+    n, _, h, w = images.shape
+    ncol = min(nrow, n)
+    nrows = math.ceil(n / nrow)
+    fig, ax = plt.subplots(figsize=figsize or (max(3.0, 0.6 * ncol + 1), max(2.5, 0.6 * nrows + 1)))
+    _show_grid(ax, grid)
+    ax.set_title(title)
+    ax.set_xlabel(f"sample (column), {w} px wide each")
+    ax.set_ylabel(f"sample (row), {h} px high each")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return _finish(fig, path)
+
+
+def _tick_centres(count: int, size: int, padding: int) -> list[float]:
+    return [padding + i * (size + padding) + (size - 1) / 2 for i in range(count)]
+
+
+def plot_temperature_sweep(samples: Mapping[float, torch.Tensor], title: str = "Samples by temperature",
+                           space: str = "model", padding: int = 2, path=None) -> Figure:
+    """Rows = temperatures (e.g. 0.5 / 0.7 / 1.0, from :func:`flowlib.interpolate.sample_at_temperatures`),
+    columns = samples decoded from the same noise."""
+    if not samples:
+        raise ValueError("samples must map at least one temperature to images")
+    temps = list(samples)
+    rows = [samples[t] for t in temps]
+    ncol = rows[0].shape[0]
+    if any(r.shape != rows[0].shape for r in rows):
+        raise ValueError("every temperature needs the same number and shape of samples")
+    grid = image_grid(torch.cat(rows), nrow=ncol, padding=padding, space=space)
+    h, w = rows[0].shape[2:]
+    fig, ax = plt.subplots(figsize=(max(3.0, 0.6 * ncol + 1.5), max(2.5, 0.6 * len(temps) + 1)))
+    _show_grid(ax, grid)
+    ax.set_title(title)
+    ax.set_yticks(_tick_centres(len(temps), h, padding), [f"T = {t:g}" for t in temps])
+    ax.set_xticks([])
+    ax.set_ylabel("temperature T (noise scale, unitless)")
+    ax.set_xlabel(f"sample ({w}x{h} px each; same noise in every row)")
+    return _finish(fig, path)
+
+
+def plot_interpolation(strips: torch.Tensor, alphas: Sequence[float],
+                       title: str = "Latent interpolation (Eq. 16)", space: str = "model", padding: int = 2,
+                       path=None) -> Figure:
+    """Interpolation strips from :func:`flowlib.interpolate.interpolate_images`: (N, A, C, H, W) (or
+    (A, C, H, W) for one pair); rows = pairs, columns = the A values of alpha."""
+    if strips.dim() == 4:
+        strips = strips.unsqueeze(0)
+    if strips.dim() != 5:
+        raise ValueError(f"strips must have shape (N, A, C, H, W), got {tuple(strips.shape)}")
+    n, a = strips.shape[:2]
+    alphas = [float(x) for x in alphas]
+    if len(alphas) != a:
+        raise ValueError(f"got {len(alphas)} alphas for {a} columns")
+    grid = image_grid(strips.reshape(n * a, *strips.shape[2:]), nrow=a, padding=padding, space=space)
+    h, w = strips.shape[3:]
+    fig, ax = plt.subplots(figsize=(max(3.0, 0.6 * a + 1.5), max(2.0, 0.6 * n + 1.2)))
+    _show_grid(ax, grid)
+    ax.set_title(title)
+    ax.set_xticks(_tick_centres(a, w, padding), [f"{x:.2f}" for x in alphas])
+    ax.set_yticks(_tick_centres(n, h, padding), [str(i) for i in range(n)])
+    ax.set_xlabel("interpolation weight α (unitless; 0 = first image, 1 = second)")
+    ax.set_ylabel(f"image pair ({w}x{h} px each)")
+    return _finish(fig, path)
+
+
+def plot_training_curves(history: Sequence[Mapping[str, float]], keys: Iterable[str] | None = None,
+                         x: str = "step", title: str = "Training curves", ylabel: str = "loss (nats)",
+                         xlabel: str | None = None, logy: bool = False, path=None) -> Figure:
+    """One line per metric of a training history (a list of dicts such as ``{"step": 10, "loss": 1.2,
+    "val_nll": 1.3}``); records lacking a metric (e.g. validation every k steps) are skipped for it."""
+    if not history:
+        raise ValueError("history is empty: nothing to plot")
+    if keys is None:
+        seen: dict[str, None] = {}
+        for rec in history:
+            for k, v in rec.items():
+                numeric = isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)
+                if k != x and numeric:
+                    seen.setdefault(k)
+        keys = list(seen)
+    keys = list(keys)
+    if not keys:
+        raise ValueError(f"history has no numeric metrics besides {x!r}")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for k in keys:
+        pts = [(rec[x], rec[k]) for rec in history if k in rec and x in rec and rec[k] is not None]
+        if not pts:
+            raise KeyError(f"metric {k!r} does not appear in the history")
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, label=k, marker="o" if len(pts) < 30 else None, markersize=3)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_title(title)
+    if xlabel is None:
+        xlabel = "step (optimizer updates)" if x == "step" else x
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _finish(fig, path)
+
+
+def _as_2d(points, name: str) -> np.ndarray:
+    arr = points.detach().cpu().numpy() if torch.is_tensor(points) else np.asarray(points)
+    if arr.ndim != 2 or arr.shape[1] != 2:
+        raise ValueError(f"{name} must have shape (N, 2), got {arr.shape}")
+    return arr
+
+
+def plot_scatter_2d(data, samples=None, title: str = "Data and model samples", labels=("data", "model"),
+                    max_points: int = 2000, xlabel: str = "x₁ (data units)", ylabel: str = "x₂ (data units)",
+                    path=None) -> Figure:
+    """Scatter of 2-D toy data (and model samples beside it), at most ``max_points`` of each (first ones)."""
+    sets = [_as_2d(data, "data")[:max_points]]
+    if samples is not None:
+        sets.append(_as_2d(samples, "samples")[:max_points])
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for pts, label, colour in zip(sets, labels, sns.color_palette(n_colors=2)):
+        sns.scatterplot(x=pts[:, 0], y=pts[:, 1], ax=ax, s=6, alpha=0.5, color=colour, label=label,
+                        edgecolor=None)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_aspect("equal", adjustable="datalim")
+    return _finish(fig, path)
+
+
+def plot_density_2d(log_prob: Callable[[torch.Tensor], torch.Tensor] | torch.nn.Module,
+                    xlim=(-4.0, 4.0), ylim=(-4.0, 4.0), grid_size: int = 200, data=None,
+                    title: str = "Model density", xlabel: str = "x₁ (data units)",
+                    ylabel: str = "x₂ (data units)", path=None) -> Figure:
+    """Heat map of ``p(x) = exp(log_prob(x))`` on a ``grid_size`` x ``grid_size`` grid (cell centres
+    ``linspace(lo, hi, grid_size)`` per axis; image row i = ``y[i]``, column j = ``x[j]``, origin at the
+    bottom). ``log_prob`` is a function of (M, 2) tensors or a model (its ``log_prob`` is used, in eval
+    mode under inference mode). ``data`` (N, 2) is overlaid as dots."""
+    from .metrics import eval_mode
+
+    gx = torch.linspace(float(xlim[0]), float(xlim[1]), grid_size)
+    gy = torch.linspace(float(ylim[0]), float(ylim[1]), grid_size)
+    yy, xx = torch.meshgrid(gy, gx, indexing="ij")
+    pts = torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=1)
+    if isinstance(log_prob, torch.nn.Module):
+        model = log_prob
+        ref = next(model.parameters(), None)
+        if ref is not None:
+            pts = pts.to(device=ref.device, dtype=ref.dtype)
+        with eval_mode(model), torch.inference_mode():
+            logp = model.log_prob(pts)
+    else:
+        with torch.inference_mode():
+            logp = log_prob(pts)
+    dens = torch.exp(logp.detach().to("cpu", torch.float64)).reshape(grid_size, grid_size).numpy()
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    dx = (xlim[1] - xlim[0]) / (2 * max(grid_size - 1, 1))
+    dy = (ylim[1] - ylim[0]) / (2 * max(grid_size - 1, 1))
+    im = ax.imshow(dens, origin="lower", cmap="viridis", aspect="auto",
+                   extent=(xlim[0] - dx, xlim[1] + dx, ylim[0] - dy, ylim[1] + dy))
+    fig.colorbar(im, ax=ax, label="density p(x) (per unit area)")
+    if data is not None:
+        d = _as_2d(data, "data")
+        ax.scatter(d[:, 0], d[:, 1], s=2, c="white", alpha=0.4)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    return _finish(fig, path)
+
+
+def _cell(value, digits: int) -> str:
+    if isinstance(value, str):
+        return value
+    return format_cell(value, digits)
+
+
+def results_table(rows, columns: Sequence[str] | None = None,
+                  row_order: Sequence[str] = PAPER_ROW_ORDER, digits: int = 3) -> pd.DataFrame:
+    """A results table in the paper's layout: rows = models, columns = datasets, cells
+    ``"mean ± std (n=k)"`` over seeds (:func:`flowlib.metrics.format_cell`), ``"-"`` where missing.
+
+    ``rows`` is either ``{model: {dataset: values}}`` (values: per-seed list, one number, ``None`` or a
+    ready string) or a list of records ``{"model", "dataset", "value"[, "arch"]}``, one per run (values
+    of equal keys are pooled as seeds). With ``"arch"`` the index is (arch, model), as in Table 1.
+    Models follow ``row_order`` (Student, LKD/ILKD/SKD Student, Teacher), others after them.
+    """
+    cells: dict[tuple, dict[str, object]] = {}
+    if isinstance(rows, Mapping):
+        for model, per_ds in rows.items():
+            if not isinstance(per_ds, Mapping):
+                raise TypeError(f"rows[{model!r}] must map dataset names to values")
+            cells[(model,)] = dict(per_ds)
+        has_arch = False
+    else:
+        records = list(rows)
+        has_arch = any("arch" in r for r in records)
+        for r in records:
+            missing = {"model", "dataset", "value"} - set(r)
+            if missing:
+                raise KeyError(f"record {r} lacks {sorted(missing)}")
+            key = (r.get("arch", ""), r["model"]) if has_arch else (r["model"],)
+            cells.setdefault(key, {}).setdefault(r["dataset"], []).append(r["value"])
+    if columns is None:
+        columns = list(dict.fromkeys(ds for per in cells.values() for ds in per))
+    rank = {name: i for i, name in enumerate(row_order)}
+    first_seen = {k: i for i, k in enumerate(cells)}
+    archs = {a: i for i, a in enumerate(dict.fromkeys(k[0] for k in cells))} if has_arch else {}
+    keys = sorted(cells, key=lambda k: (archs.get(k[0], 0) if has_arch else 0,
+                                        rank.get(k[-1], len(rank)), first_seen[k]))
+    data = [[_cell(cells[k].get(ds), digits) for ds in columns] for k in keys]
+    index = pd.MultiIndex.from_tuples(keys, names=["arch", "model"]) if has_arch else \
+        pd.Index([k[0] for k in keys], name="model")
+    return pd.DataFrame(data, index=index, columns=list(columns))
