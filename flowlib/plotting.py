@@ -33,6 +33,7 @@ __all__ = [
     "image_grid",
     "plot_density_2d",
     "plot_interpolation",
+    "plot_sample_rows",
     "plot_samples",
     "plot_scatter_2d",
     "plot_temperature_sweep",
@@ -99,6 +100,7 @@ def image_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2, pad_value:
 
 def _show_grid(ax, grid: np.ndarray) -> None:
     ax.imshow(grid, interpolation="nearest", vmin=0.0, vmax=1.0)
+    ax.grid(False)  # seaborn styles draw grid lines over images otherwise
 
 
 def plot_samples(images: torch.Tensor, nrow: int = 8, title: str = "Samples", space: str = "model",
@@ -122,27 +124,38 @@ def _tick_centres(count: int, size: int, padding: int) -> list[float]:
     return [padding + i * (size + padding) + (size - 1) / 2 for i in range(count)]
 
 
+def plot_sample_rows(samples: Mapping[str, torch.Tensor], title: str = "Samples",
+                     ylabel: str = "model", space: str = "model", padding: int = 2, path=None) -> Figure:
+    """Labelled rows of images with the same number of samples each (e.g. teacher / distilled student /
+    plain student decoding the same noise, the paper's Figures 2 and 3)."""
+    if not samples:
+        raise ValueError("samples must map at least one row label to images")
+    labels = list(samples)
+    rows = [samples[k] for k in labels]
+    ncol = rows[0].shape[0]
+    if any(r.shape != rows[0].shape for r in rows):
+        raise ValueError("every row needs the same number and shape of samples")
+    grid = image_grid(torch.cat(rows), nrow=ncol, padding=padding, space=space)
+    h, w = rows[0].shape[2:]
+    fig, ax = plt.subplots(figsize=(max(3.0, 0.6 * ncol + 1.5), max(2.5, 0.6 * len(labels) + 1)))
+    _show_grid(ax, grid)
+    ax.set_title(title)
+    ax.set_yticks(_tick_centres(len(labels), h, padding), labels)
+    ax.set_xticks([])
+    ax.set_ylabel(ylabel)
+    ax.set_xlabel(f"sample ({w}x{h} px each; same noise in every row)")
+    return _finish(fig, path)
+
+
 def plot_temperature_sweep(samples: Mapping[float, torch.Tensor], title: str = "Samples by temperature",
                            space: str = "model", padding: int = 2, path=None) -> Figure:
     """Rows = temperatures (e.g. 0.5 / 0.7 / 1.0, from :func:`flowlib.interpolate.sample_at_temperatures`),
     columns = samples decoded from the same noise."""
     if not samples:
         raise ValueError("samples must map at least one temperature to images")
-    temps = list(samples)
-    rows = [samples[t] for t in temps]
-    ncol = rows[0].shape[0]
-    if any(r.shape != rows[0].shape for r in rows):
-        raise ValueError("every temperature needs the same number and shape of samples")
-    grid = image_grid(torch.cat(rows), nrow=ncol, padding=padding, space=space)
-    h, w = rows[0].shape[2:]
-    fig, ax = plt.subplots(figsize=(max(3.0, 0.6 * ncol + 1.5), max(2.5, 0.6 * len(temps) + 1)))
-    _show_grid(ax, grid)
-    ax.set_title(title)
-    ax.set_yticks(_tick_centres(len(temps), h, padding), [f"T = {t:g}" for t in temps])
-    ax.set_xticks([])
-    ax.set_ylabel("temperature T (noise scale, unitless)")
-    ax.set_xlabel(f"sample ({w}x{h} px each; same noise in every row)")
-    return _finish(fig, path)
+    return plot_sample_rows({f"T = {t:g}": v for t, v in samples.items()}, title=title,
+                            ylabel="temperature T (noise scale, unitless)", space=space, padding=padding,
+                            path=path)
 
 
 def plot_interpolation(strips: torch.Tensor, alphas: Sequence[float],
@@ -190,7 +203,8 @@ def plot_training_curves(history: Sequence[Mapping[str, float]], keys: Iterable[
         raise ValueError(f"history has no numeric metrics besides {x!r}")
     fig, ax = plt.subplots(figsize=(6, 4))
     for k in keys:
-        pts = [(rec[x], rec[k]) for rec in history if k in rec and x in rec and rec[k] is not None]
+        pts = [(rec[x], rec[k]) for rec in history
+               if k in rec and x in rec and rec[k] is not None and not _is_nan(rec[k])]
         if not pts:
             raise KeyError(f"metric {k!r} does not appear in the history")
         xs, ys = zip(*pts)
@@ -205,6 +219,10 @@ def plot_training_curves(history: Sequence[Mapping[str, float]], keys: Iterable[
     ax.legend()
     ax.grid(alpha=0.3)
     return _finish(fig, path)
+
+
+def _is_nan(value) -> bool:
+    return isinstance(value, (float, np.floating)) and math.isnan(value)
 
 
 def _as_2d(points, name: str) -> np.ndarray:

@@ -192,3 +192,24 @@ def test_plot_density_2d_of_a_flow_uses_eval_mode_and_restores_it():
     with torch.no_grad():
         expected = model.log_prob(torch.stack([gx.reshape(-1), gy.reshape(-1)], 1)).exp().reshape(7, 7)
     np.testing.assert_allclose(img, expected.double().numpy(), rtol=1e-5)
+
+
+def test_plot_sample_rows_labels_rows_and_hides_grid_lines():
+    rows = {"teacher": torch.zeros(3, 1, 4, 4) - 0.5, "student": torch.zeros(3, 1, 4, 4) + 0.49}
+    fig = plotting.plot_sample_rows(rows, title="same noise")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["teacher", "student"]
+    img = ax.images[0].get_array()
+    assert img[3, 3, 0] == 0.0 and abs(img[-3, 3, 0] - 0.99) < 1e-6  # first row black, second near white
+    assert not any(line.get_visible() for line in ax.get_xgridlines() + ax.get_ygridlines())
+    plt.close(fig)
+
+
+def test_training_curves_skip_nan_between_evaluations():
+    history = [{"step": s, "loss": 1.0 / s, "val_nll": (2.0 / s if s % 5 == 0 else math.nan)}
+               for s in range(1, 21)]
+    fig = plotting.plot_training_curves(history, keys=["loss", "val_nll"])
+    lines = {ln.get_label(): ln for ln in fig.axes[0].get_lines()}
+    assert list(lines["val_nll"].get_xdata()) == [5, 10, 15, 20]
+    assert len(lines["loss"].get_xdata()) == 20
+    plt.close(fig)
