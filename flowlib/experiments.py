@@ -101,7 +101,17 @@ def student_config(arch: str, dataset: str, method: str = "nll", *, fast: bool =
         model_kwargs=dict(sizes), dataset=dataset, steps=steps or b.steps, batch_size=b.batch_size, lr=b.lr,
         warmup_steps=b.warmup_steps, eval_every=b.eval_every, seed=seed, device=device, method=method,
         lambdas=lambdas, teacher=teacher if method != "nll" else None,
+        skd_samples=_skd_samples(kind, fast) if method == "skd" else None,
     )
+
+
+def _skd_samples(kind: str, fast: bool) -> int:
+    """Samples decoded per SKD step. MAF decodes sequentially (D passes) and the gradient flows through all
+    of them, so SKD on a full batch would cost far more than the rest of the step; a smaller batch of
+    noise keeps the SKD step within a few times a plain step."""
+    if kind == "tabular":
+        return 32 if fast else 64
+    return 4 if fast else 16
 
 
 def _test_metric(model, dataset: str, seed: int, max_test: int | None = None) -> dict:
@@ -125,14 +135,16 @@ def _test_metric(model, dataset: str, seed: int, max_test: int | None = None) ->
 
 def evaluate_runs(arch: str, dataset: str, methods, seeds, *, fast: bool = False, device: str = "cpu",
                   checkpoint_root="checkpoints", teacher_seed: int = 0, max_test: int | None = None,
-                  progress: bool = True) -> list[dict]:
+                  progress: bool = True, failures: list | None = None) -> list[dict]:
     """Train (or load) the teacher and every (method, seed) student; one row of test metrics per model.
 
     Rows: ``arch, dataset, model ("teacher" or the method), seed, params_k`` and ``test_ll`` (tabular) or
     ``test_bpd`` (images) with standard errors. Teachers are listed once, with ``seed = teacher_seed``.
+    Given a ``failures`` list, a student run that diverges (:class:`flowlib.train.TrainingDiverged`) is
+    recorded there and left out of the rows instead of stopping everything.
     """
     from .metrics import parameter_count_k
-    from .train import train_or_load
+    from .train import TrainingDiverged, train_or_load
 
     rows = []
     teacher, _ = train_or_load(teacher_config(arch, dataset, fast=fast, seed=teacher_seed, device=device),
@@ -144,7 +156,14 @@ def evaluate_runs(arch: str, dataset: str, methods, seeds, *, fast: bool = False
         for seed in seeds:
             config = student_config(arch, dataset, method, fast=fast, seed=seed, teacher_seed=teacher_seed,
                                     device=device)
-            student, history = train_or_load(config, checkpoint_root=checkpoint_root, progress=progress)
+            try:
+                student, history = train_or_load(config, checkpoint_root=checkpoint_root, progress=progress)
+            except TrainingDiverged as err:
+                if failures is None:
+                    raise
+                failures.append({"arch": arch, "dataset": dataset, "model": method, "seed": seed,
+                                 "step": err.step, "error": str(err)})
+                continue
             rows.append({"arch": arch, "dataset": dataset, "model": method, "seed": seed,
                          "params_k": parameter_count_k(student), "train_seconds": history[-1]["time"],
                          **_test_metric(student, dataset, seed, max_test)})

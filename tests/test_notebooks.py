@@ -121,3 +121,74 @@ def test_03_datasets(fast_run):
     assert r["magic_train_mean_abs_max"] < 1e-4
     assert all(abs(s - 1) < 1e-3 for s in r["magic_train_std"])
     assert abs(r["uniform_model_bpd"] - 8.0) < 1e-9
+
+
+@pytest.mark.slow
+def test_09_self_normalizing_flows(fast_run):
+    r = fast_run["09_self_normalizing_flows"]["results"]
+    g = r["gradient_check"]
+    assert g["max_abs_diff"] < 1e-6 and g["eval_logdet_error"] < 1e-9
+    assert g["wrong_r_logdet_grad_max_abs_diff"] > 1e-2  # the check above is not vacuous
+    inv = r["inverse_learning"]
+    assert inv["final_inverse_error"] < inv["initial_inverse_error"]
+    assert inv["final_val_nll"] < inv["initial_val_nll"]
+    models = r["training"]["models"]
+    assert set(models) == {"fc", "glow"}
+    for name, m in models.items():
+        for key in ("exact_test_nll_mean", "snf_test_nll_mean", "rel_diff", "max_inverse_error"):
+            assert math.isfinite(m[key]), (name, key)
+        # dequantised code lengths of 17-level images: positive
+        assert m["exact_test_nll_mean"] > 0 and m["snf_test_nll_mean"] > 0
+        assert all(0 <= e < 10 for e in m["inverse_error_per_layer"]), (name, m["inverse_error_per_layer"])
+        assert {run["kind"] for run in m["runs"]} == {"exact", "SNF"}
+    t = r["timing"]
+    assert len(t["rows"]) >= 2
+    for row in t["rows"]:
+        assert row["exact_ms"] > 0 and row["snf_ms"] > 0 and row["speedup"] > 0
+    assert all(math.isfinite(v) for v in t["exponents"].values())
+
+
+@pytest.mark.slow
+def test_04_teacher_training(fast_run):
+    r = fast_run["04_teacher_training"]["results"]
+    assert len(r["tabular"]) == 4  # {magic, patches} x {glow, maf}
+    for name, t in r["tabular"].items():
+        assert t["best_val_nll"] < t["initial_val_nll"], f"{name}: the teacher did not improve"
+    (image,) = r["image"].values()
+    assert image["test_bpd"] < image["initial_val_bpd"]
+
+
+def _check_summary(summary, methods):
+    by_setting = {}
+    for row in summary:
+        by_setting.setdefault((row["arch"], row["dataset"]), set()).add(row["model"])
+    assert by_setting and all(models == {"teacher", *methods} for models in by_setting.values())
+
+
+@pytest.mark.slow
+def test_05_to_07_distillation_notebooks(fast_run):
+    _check_summary(fast_run["05_lkd"]["results"]["summary"], {"nll", "lkd"})
+    lat = fast_run["05_lkd"]["results"]["latent_alignment"]
+    assert set(lat) == {"nll", "lkd"} and all(v > 0 for v in lat.values())
+    r6 = fast_run["06_ilkd"]["results"]
+    _check_summary(r6["summary"], {"nll", "ilkd"})
+    assert r6["pairs"]["magic/maf"] == [[0, 1], [1, 3]]  # fast sizes: 4 teacher blocks, 2 student blocks
+    _check_summary(r6["image_summary"], {"nll", "ilkd"})
+    r7 = fast_run["07_skd_and_combined"]["results"]
+    assert r7["skd_reproducible"] is True
+    assert set(r7["terms_plain_student"]) >= {"nll", "ilkd", "skd"}
+    assert len(r7["summary"]) + 2 * len(r7["failures"]) >= 12
+
+
+@pytest.mark.slow
+def test_08_evaluation(fast_run):
+    r = fast_run["08_evaluation"]["results"]
+    assert len(r["table1_rows"]) + len(r["failures"]) == 4 * (1 + 4)  # 4 settings: teacher + 4 methods
+    assert {row["model"] for row in r["table4"]} == {"Teacher", "Student", "ILKD Student"}
+    assert all(row["fid"] > 0 and row["fid_n_fake"] == r["fid_samples"] for row in r["table4"])
+    assert all(row["fid_T1.0"] > 0 and row["fid_T0.7"] > 0 for row in r["table6"])
+    for row in r["table2"]:
+        assert row["encode_ms_mean"] > 0 and row["decode_ms_mean"] > 0
+    teachers = {(t["arch"], t["dataset"]): t["params_k"] for t in r["table2"] if t["model"] == "Teacher"}
+    students = {(t["arch"], t["dataset"]): t["params_k"] for t in r["table2"] if t["model"] == "Student"}
+    assert all(students[k] < teachers[k] for k in teachers)
