@@ -192,3 +192,12 @@ def test_08_evaluation(fast_run):
     teachers = {(t["arch"], t["dataset"]): t["params_k"] for t in r["table2"] if t["model"] == "Teacher"}
     students = {(t["arch"], t["dataset"]): t["params_k"] for t in r["table2"] if t["model"] == "Student"}
     assert all(students[k] < teachers[k] for k in teachers)
+
+
+@pytest.mark.slow
+def test_10_results(fast_run):
+    r = fast_run["10_results"]["results"]
+    assert r["n_verdicts"] == 12  # 2 sets x 2 architectures x 3 methods (no failures in fast mode)
+    assert all(v["verdict"] == "one seed: no claim" for v in r["verdicts"])  # fast mode runs one seed
+    paper_rows = [x for x in r["table2_ratios"] if x["source"] == "paper"]
+    assert len(paper_rows) == 10 and all(0 < x["params ratio"] < 1 for x in paper_rows)
