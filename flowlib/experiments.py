@@ -19,7 +19,7 @@ from .train import TrainConfig
 
 __all__ = [
     "METHODS", "METHOD_LABELS", "SIZES", "Budget", "budget", "evaluate_runs", "student_config", "summarise",
-    "teacher_config",
+    "teacher_config", "to_records",
 ]
 
 METHODS = ("nll", "lkd", "ilkd", "skd")
@@ -196,3 +196,12 @@ def summarise(rows: list[dict], metric: str = "test_ll"):
     table["gap_closure"] = closures
     table["label"] = table.model.map(METHOD_LABELS)
     return table
+
+
+def to_records(table) -> list[dict]:
+    """A summary table as JSON-ready records: cells that do not apply (NaN, e.g. the gap closure of a
+    teacher row) become ``None`` so that every number in a results file is a real, finite measurement."""
+    import math
+
+    return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+            for row in table.to_dict(orient="records")]

@@ -110,7 +110,8 @@ def load_results(name: str, results_dir: str | os.PathLike = "results") -> dict:
     return json.loads(path.read_text())["results"]
 
 
-def notebook_setup(fast: bool, results_dir: str, checkpoint_dir: str | None = None) -> tuple[bool, Path, Path]:
+def notebook_setup(fast: bool, results_dir: str,
+                   checkpoint_dir: str | None = None) -> tuple[bool, Path, Path]:
     """Resolve a notebook's ``fast`` flag and output folders (the cell below the parameters cell).
 
     Setting the environment variable ``FLOWLIB_FAST=1`` forces fast mode and redirects the default folders to

@@ -45,7 +45,8 @@ inverse model (``1/2 log p_f + 1/2 log p_g``); here ``R`` is trained by the reco
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -64,6 +65,8 @@ __all__ = [
     "conv_operator",
     "exact_inverse",
     "exact_logdet_values",
+    "exact_test_nll",
+    "fit",
     "inverse_errors",
     "selfnorm_layers",
     "selfnorm_loss",
@@ -499,3 +502,134 @@ def exact_logdet_values(model: nn.Module, enabled: bool = True):
 def exact_inverse(model: nn.Module, enabled: bool = True):
     """Context manager: ``inverse`` / ``decode`` / ``sample`` solve with ``W`` instead of applying ``R``."""
     return _set_flag(model, "use_exact_inverse", enabled)
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+Preprocess = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+
+@torch.no_grad()
+def exact_test_nll(model: nn.Module, x: torch.Tensor, preprocess: Preprocess | None = None, draws: int = 1,
+                   seed: int = 1234, batch_size: int = 4096, per_example: bool = False):
+    """Exact negative log-likelihood ``-log p(x)`` (nats per example) of ``model`` on ``x``.
+
+    Evaluated in ``eval`` mode, so every self-normalizing layer contributes its exact ``log|det W|``
+    (``slogdet``); the model's training flag is restored afterwards. ``preprocess(batch, generator)``
+    maps raw data to the model's input space (e.g. uniform dequantisation); it is applied ``draws``
+    times with a generator seeded by ``seed`` (fixed draws: the same number on every call) and the NLLs
+    are averaged over the draws. Any constant of the preprocessing (such as ``D log bins``) is the
+    caller's to add. Returns the mean over examples (a float) or, with ``per_example=True``, the (N,)
+    float64 tensor of per-example NLLs (for medians and outliers).
+    """
+    if draws < 1:
+        raise ValueError(f"draws must be >= 1, got {draws}")
+    was_training = model.training
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    total = torch.zeros(x.shape[0], dtype=torch.float64)
+    n_draws = draws if preprocess is not None else 1
+    try:
+        for _ in range(n_draws):
+            parts = []
+            for xb in x.split(batch_size):
+                xb = preprocess(xb, g) if preprocess is not None else xb
+                parts.append(-model.log_prob(xb).double().cpu())
+            total += torch.cat(parts)
+    finally:
+        model.train(was_training)
+    nll = total / n_draws
+    return nll if per_example else nll.mean().item()
+
+
+def fit(model: nn.Module, x_train: torch.Tensor, x_val: torch.Tensor | None = None, *, steps: int,
+        batch_size: int = 128, lr: float = 1e-3, seed: int = 0, preprocess: Preprocess | None = None,
+        eval_every: int | None = None, progress: bool = True, desc: str | None = None) -> list[dict]:
+    """Train a self-normalizing flow (or its exact twin) by maximum likelihood; returns the history.
+
+    Minimises ``-model.log_prob(x).mean() + selfnorm_loss(model)`` with Adam (``lr``) on minibatches of
+    ``batch_size`` drawn with replacement from ``x_train`` by a generator seeded with ``seed``; the same
+    generator draws ``preprocess``'s noise, so an exact twin and a self-normalizing model built from the
+    same ``torch.manual_seed`` see the same batches. Before the first step one batch is passed through
+    the model without gradients (ActNorm's data-dependent initialisation).
+
+    For a self-normalizing model the training objective is *not* a likelihood (its value omits the
+    layers' ``log|det W|``, see the module docstring); for the exact twin it is the batch NLL. What is
+    comparable between the two is ``val_nll``, the exact NLL (:func:`exact_test_nll`, nats per example)
+    of ``x_val``.
+
+    History: one record at step 0 (after the initialisation pass) and every ``eval_every`` steps (default
+    ``steps // 20``) and at the last step, each a dict with ``step``; ``loss`` and ``recon`` (means of
+    the objective and of ``selfnorm_loss`` over the steps since the previous record; not at step 0);
+    ``val_nll`` (if ``x_val`` is given); ``inverse_errors`` (``||R W - I||_F`` per self-normalizing
+    layer, 0 for the exact twin) and their maximum ``inverse_error``; ``time`` (seconds spent in
+    training steps so far, evaluation excluded). Raises ``FloatingPointError`` if the loss stops being
+    finite.
+    """
+    if steps < 0 or batch_size < 1:
+        raise ValueError(f"need steps >= 0 and batch_size >= 1, got steps={steps}, batch_size={batch_size}")
+    eval_every = max(1, steps // 20) if eval_every is None else int(eval_every)
+    if eval_every < 1:
+        raise ValueError(f"eval_every must be >= 1, got {eval_every}")
+    if not selfnorm_layers(model):
+        raise ValueError(f"{type(model).__name__} has no self-normalizing layers: fit() trains the models "
+                         "of this module (SelfNormFC, SelfNormGlow and their exact twins)")
+    g = torch.Generator().manual_seed(seed)
+    n = x_train.shape[0]
+
+    def batch() -> torch.Tensor:
+        xb = x_train[torch.randint(n, (batch_size,), generator=g)]
+        return preprocess(xb, g) if preprocess is not None else xb
+
+    def record(step: int, sums: dict[str, float], count: int, elapsed: float) -> dict:
+        rec: dict = {"step": step}
+        if count:
+            rec.update({k: v / count for k, v in sums.items()})
+        if x_val is not None:
+            rec["val_nll"] = exact_test_nll(model, x_val, preprocess, seed=seed + 1)
+        errs = inverse_errors(model)
+        rec.update(inverse_errors=errs, inverse_error=max(errs), time=elapsed)
+        return rec
+
+    model.train()
+    with torch.no_grad():
+        model.log_prob(batch())
+    history = [record(0, {}, 0, 0.0)]
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sums, count, elapsed = {"loss": 0.0, "recon": 0.0}, 0, 0.0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc=desc or type(model).__name__, leave=False)
+    try:
+        for step in range(1, steps + 1):
+            t0 = time.perf_counter()
+            x = batch()
+            opt.zero_grad(set_to_none=True)
+            nll = -model.log_prob(x).mean()
+            recon = selfnorm_loss(model)
+            loss = nll + recon
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss became {loss.item()} at step {step}")
+            loss.backward()
+            opt.step()
+            elapsed += time.perf_counter() - t0
+            sums["loss"] += loss.item()
+            sums["recon"] += recon.item()
+            count += 1
+            if step % eval_every == 0 or step == steps:
+                history.append(record(step, sums, count, elapsed))
+                sums, count = {"loss": 0.0, "recon": 0.0}, 0
+                if bar is not None:
+                    last = history[-1]
+                    post = {"loss": f"{last['loss']:.4g}", "max ||RW-I||": f"{last['inverse_error']:.2g}"}
+                    if x_val is not None:
+                        post["val_nll"] = f"{last['val_nll']:.4g}"
+                    bar.set_postfix(post, refresh=False)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return history
