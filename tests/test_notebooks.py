@@ -202,3 +202,16 @@ def test_10_results(fast_run):
     assert all(v["verdict"] == "one seed: no claim" for v in r["verdicts"])  # fast mode runs one seed
     paper_rows = [x for x in r["table2_ratios"] if x["source"] == "paper"]
     assert len(paper_rows) == 10 and all(0 < x["params ratio"] < 1 for x in paper_rows)
+
+
+@pytest.mark.slow
+def test_a_distillation_notebook_alone_trains_the_teacher_it_needs(tmp_path):
+    """Run 05 by itself against empty folders: it must train (not assume) its teachers."""
+    ck, res = tmp_path / "checkpoints", tmp_path / "results"
+    code = run.main(["--fast", "--only", "05", "-p", "checkpoint_dir", str(ck), "-p", "results_dir", str(res),
+                     "-p", "tabular_datasets", "[magic]", "-p", "archs", "[maf]",
+                     "--output-dir", str(tmp_path / "runs")])
+    assert code == 0
+    assert sorted(p.name.split("-")[2] for p in ck.iterdir()) == ["student", "student", "teacher"]
+    summary = json.loads((res / "05_lkd.json").read_text())["results"]["summary"]
+    assert {row["model"] for row in summary} == {"teacher", "nll", "lkd"}
