@@ -241,7 +241,7 @@ def read_celeba(root: Path, split: str, download: bool, size: int = 64, crop: in
     """
     from PIL import Image
 
-    from .data_sources import atomic_write_bytes
+    from .results import atomic_write
 
     cache = Path(root) / "cache" / f"celeba-{split}-{crop}-{size}.npy"
     if cache.is_file():
@@ -269,5 +269,5 @@ def read_celeba(root: Path, split: str, download: bool, size: int = 64, crop: in
             left, top = (w - crop) // 2, (h - crop) // 2
             im = im.crop((left, top, left + crop, top + crop)).resize((size, size), Image.BILINEAR)
             out[i] = np.asarray(im).transpose(2, 0, 1)
-    atomic_write_bytes(cache, lambda f: np.save(f, out))
+    atomic_write(cache, lambda f: np.save(f, out))
     return out

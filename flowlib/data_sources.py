@@ -16,13 +16,14 @@ import importlib.util
 import math
 import os
 import tarfile
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
+
+from .results import atomic_write
 
 __all__ = [
     "ChecksumError",
@@ -70,25 +71,8 @@ def file_md5(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def atomic_write_bytes(path: Path, write) -> Path:
-    """Create ``path`` atomically: ``write(f)`` fills a temp file in the same folder, then os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def atomic_save_npz(path: Path, **arrays: np.ndarray) -> Path:
-    return atomic_write_bytes(path, lambda f: np.savez(f, **arrays))
+    return atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def download_file(url: str, dest: str | os.PathLike, md5: str, *, chunk_size: int = 1 << 20,
@@ -231,12 +215,12 @@ def fetch_maf(root: Path, progress: bool = True) -> None:
             name = member.name[2:] if member.name.startswith("./") else member.name
             if name in wanted and member.isfile():
                 src = tar.extractfile(member)
-                atomic_write_bytes(wanted[name], lambda f, s=src: _copy(s, f))
+                atomic_write(wanted[name], lambda f, s=src: _copy(s, f))
                 found.add(name)
     missing = sorted(set(wanted) - found)
     if missing:
         raise InvalidDataError(f"the MAF archive {archive} lacks {missing}; delete it and download again")
-    atomic_write_bytes(maf_dir(root) / _MARKER, lambda f: f.write(MAF_MD5.encode()))
+    atomic_write(maf_dir(root) / _MARKER, lambda f: f.write(MAF_MD5.encode()))
 
 
 def _copy(src, dst, chunk_size: int = 1 << 20) -> None:

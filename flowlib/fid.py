@@ -31,7 +31,6 @@ import hashlib
 import importlib.util
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +42,8 @@ import scipy.linalg
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from .results import atomic_write
 
 __all__ = [
     "DEFAULT_CACHE_DIR",
@@ -313,16 +314,7 @@ def _select(images: torch.Tensor, n: int | None, seed: int) -> torch.Tensor:
 
 
 def _atomic_save_npz(path: Path, **arrays) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def cached_real_features(images, dataset: str, split: str = "test", n: int | None = None, seed: int = 0,

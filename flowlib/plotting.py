@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from matplotlib.figure import Figure
 from torchvision.utils import make_grid
 
 from .metrics import format_cell
+from .results import atomic_write
 
 __all__ = [
     "PAPER_ROW_ORDER",
@@ -48,20 +48,10 @@ PAPER_ROW_ORDER = ("Student", "LKD Student", "ILKD Student", "SKD Student", "Tea
 
 
 def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 150) -> Path:
-    """Save ``fig`` atomically (temporary file in the same folder, then ``os.replace``)."""
+    """Save ``fig`` atomically (:func:`flowlib.results.atomic_write`); the format follows the suffix."""
     path = Path(path)
     fmt = path.suffix.lstrip(".").lower() or "png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format=fmt, dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=dpi, bbox_inches="tight"))
 
 
 def _finish(fig: Figure, path) -> Figure:

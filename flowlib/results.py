@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 __all__ = [
-    "atomic_write_bytes", "atomic_write_json", "load_results", "notebook_setup", "project_path", "repo_root",
-    "save_results",
+    "atomic_write", "atomic_write_bytes", "atomic_write_json", "load_results", "notebook_setup",
+    "project_path", "repo_root", "save_results",
 ]
 
 
@@ -35,22 +35,29 @@ def project_path(path: str | os.PathLike) -> Path:
     return p if p.is_absolute() else repo_root() / p
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """Create ``path`` atomically: ``write(f)`` fills a temporary file (binary) in the same folder, which
+    then replaces ``path`` with ``os.replace``. A crash leaves either the old file or the new one, never a
+    half-written file. The one implementation every writer in flowlib uses (results, checkpoints, caches,
+    figures)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_write`)."""
+    return atomic_write(path, lambda f: f.write(data))
 
 
 def _jsonable(obj):

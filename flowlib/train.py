@@ -21,7 +21,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from .distill import (
     resolve_method,
 )
 from .models import MAF, Glow, build_model
+from .results import atomic_write
 
 __all__ = [
     "TrainConfig", "TrainingDiverged", "config_diff", "config_hash", "evaluate", "history_frame",
@@ -320,18 +320,8 @@ def history_frame(history: list[dict]):
 # --------------------------------------------------------------------------------------------------
 
 def save_checkpoint(path: str | os.PathLike, obj: dict) -> None:
-    """``torch.save`` to a temporary file in the same folder, then ``os.replace`` (atomic)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """``torch.save`` through :func:`flowlib.results.atomic_write` (temporary file, then ``os.replace``)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
