@@ -288,7 +288,14 @@ class MAFBlock(nn.Module):
 
 
 class MAF(Flow):
-    """Masked Autoregressive Flow (Papamakarios et al. 2017), ``depth`` blocks of MADE(2 x hidden)."""
+    """Masked Autoregressive Flow (Papamakarios et al. 2017), ``depth`` blocks of MADE(2 x hidden).
+
+    Every block ends with a feature reversal, so after an odd number of blocks the representation is
+    indexed back to front. ``encode`` reports every latent (each block's output and the final ``z``) in the
+    data's feature order, undoing the reversals — a permutation, so ``log_prob`` is unchanged. Without this,
+    a 3-block student and a 6-block teacher would have their distillation points in opposite orders, and
+    LKD / ILKD (Eq. 12-13) would ask the student to match feature i of the teacher with its feature D-1-i.
+    """
 
     def __init__(self, dim: int, depth: int = 5, hidden: int = 32, batch_norm: bool = True):
         super().__init__()
@@ -303,14 +310,16 @@ class MAF(Flow):
         self._check_input(x)
         logdet = x.new_zeros(x.shape[0])
         latents = []
-        for block in self.blocks:
+        for k, block in enumerate(self.blocks):
             x, ld = block(x)
             logdet = logdet + ld
-            latents.append(x)
-        return Encoding([x], logdet, latents)
+            latents.append(x.flip(1) if k % 2 == 0 else x)  # data order after k + 1 reversals
+        return Encoding([latents[-1]], logdet, latents)
 
     def decode(self, z) -> torch.Tensor:
         x = self._as_latent_list(z)[0]
+        if self.depth % 2:
+            x = x.flip(1)
         for block in reversed(self.blocks):
             x, _ = block.inverse(x)
         return x

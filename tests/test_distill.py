@@ -69,16 +69,17 @@ def _hand_maf(blocks):
 
 
 def _hand_pair():
-    # teacher block 0: (2 x1 + 1, x2 - 1) reversed -> t0 = (x2 - 1, 2 x1 + 1)
-    # teacher block 1: on (a1, a2): (a1, 3 a2 + 0.5) reversed -> t1 = (3 a2 + 0.5, a1)
-    # student block 0: (x1 + 0.5, x2) reversed -> s0 = (x2, x1 + 0.5)
+    # teacher block 0: (2 x1 + 1, x2 - 1) reversed -> a = (x2 - 1, 2 x1 + 1); reported in data order
+    #                  (one reversal undone): t0 = (2 x1 + 1, x2 - 1)
+    # teacher block 1: on a: (a1, 3 a2 + 0.5) reversed -> t1 = (3 a2 + 0.5, a1) (two reversals: data order)
+    # student block 0: (x1 + 0.5, x2) reversed, then reported in data order -> s0 = (x1 + 0.5, x2)
     teacher = freeze(_hand_maf([((2.0, 1.0), (1.0, -1.0)), ((1.0, 3.0), (0.0, 0.5))]))
     student = _hand_maf([((1.0, 1.0), (0.5, 0.0))])
     return teacher, student
 
 
 X_HAND = torch.tensor([[1.0, 2.0], [-1.0, 0.5]])
-# t0 = [[1, 3], [-0.5, -1]], t1 = [[9.5, 1], [-2.5, -0.5]], s0 = [[2, 1.5], [0.5, -0.5]]
+# t0 = [[3, 1], [-1, -0.5]], t1 = [[9.5, 1], [-2.5, -0.5]], s0 = [[1.5, 2], [-0.5, 0.5]]
 
 
 def test_distances_by_hand_and_unknown_distance():
@@ -95,18 +96,18 @@ def test_distances_by_hand_and_unknown_distance():
 def test_hand_computed_latents_lkd_ilkd_nll():
     teacher, student = _hand_pair()
     enc_t, enc_s = teacher.encode(X_HAND), student.encode(X_HAND)
-    assert torch.equal(enc_t.latents[0], torch.tensor([[1.0, 3.0], [-0.5, -1.0]]))
+    assert torch.equal(enc_t.latents[0], torch.tensor([[3.0, 1.0], [-1.0, -0.5]]))
     assert torch.equal(enc_t.latents[1], torch.tensor([[9.5, 1.0], [-2.5, -0.5]]))
-    assert torch.equal(enc_s.latents[0], torch.tensor([[2.0, 1.5], [0.5, -0.5]]))
+    assert torch.equal(enc_s.latents[0], torch.tensor([[1.5, 2.0], [-0.5, 0.5]]))
 
-    # |t1 - s0| = 7.5, 0.5, 3, 0
-    assert lkd_loss(teacher, student, X_HAND).item() == pytest.approx(11 / 4)
-    assert lkd_loss(teacher, student, X_HAND, distance="mse").item() == pytest.approx((56.25 + 0.25 + 9) / 4)
+    # |t1 - s0| = 8, 1, 2, 1
+    assert lkd_loss(teacher, student, X_HAND).item() == pytest.approx(12 / 4)
+    assert lkd_loss(teacher, student, X_HAND, distance="mse").item() == pytest.approx((64 + 1 + 4 + 1) / 4)
     # default pairing for K_t = 2, K_s = 1 is the final latent only
     assert default_pairs(teacher, student) == [(0, 1)]
-    assert ilkd_loss(teacher, student, X_HAND).item() == pytest.approx(11 / 4)
-    # custom pairs: |t0 - s0| = 1, 1.5, 1, 0.5 -> mean 1; plus the final latent 2.75
-    assert ilkd_loss(teacher, student, X_HAND, pairs=[(0, 0), (0, 1)]).item() == pytest.approx(1 + 11 / 4)
+    assert ilkd_loss(teacher, student, X_HAND).item() == pytest.approx(12 / 4)
+    # custom pairs: |t0 - s0| = 1.5, 1, 0.5, 1 -> mean 1; plus the final latent 3
+    assert ilkd_loss(teacher, student, X_HAND, pairs=[(0, 0), (0, 1)]).item() == pytest.approx(1 + 12 / 4)
 
     # student NLL: log-det sum(log gamma) = 0; 0.5 |s0|^2 = 3.125 and 0.25; plus log(2 pi) per sample (D=2)
     expected_nll = (3.125 + 0.25) / 2 + LOG_2PI
@@ -118,17 +119,17 @@ def test_hand_computed_latents_lkd_ilkd_nll():
     assert out.lambdas == (0.9, 0.1, 0.0)
     assert set(out.terms) == {"nll", "lkd"}
     assert out.terms["nll"].item() == pytest.approx(expected_nll)
-    assert out.total.item() == pytest.approx(0.9 * expected_nll + 0.1 * 11 / 4)
+    assert out.total.item() == pytest.approx(0.9 * expected_nll + 0.1 * 12 / 4)
     out = distillation_loss(teacher, student, X_HAND, method="ilkd", lambdas=(0.5, 2.0, 0.0),
                             pairs=[(0, 0), (0, 1)])
-    assert out.total.item() == pytest.approx(0.5 * expected_nll + 2.0 * (1 + 11 / 4))
+    assert out.total.item() == pytest.approx(0.5 * expected_nll + 2.0 * (1 + 12 / 4))
 
 
 def test_hand_computed_skd():
-    # Inverses: teacher x1 = ((t1_1 - 0.5) / 3 - 1) / 2, x2 = t1_2 + 1; student x = (s0_2 - 0.5, s0_1).
+    # Inverses: teacher x1 = ((t1_1 - 0.5) / 3 - 1) / 2, x2 = t1_2 + 1; student x = (s0_1 - 0.5, s0_2).
     teacher, student = _hand_pair()
     noise = [torch.tensor([[1.0, -2.0], [0.0, 0.0]])]
-    # temperature 0.5: w = (0.5, -1) -> teacher (-0.5, 0), student (-1.5, 0.5)
+    # temperature 0.5: w = (0.5, -1) -> teacher (-0.5, 0), student (0, -1)
     #                  w = (0, 0)    -> teacher (-7/12, 1), student (-0.5, 0)
     expected = (1.0 + 0.5 + 1 / 12 + 1.0) / 4
     assert skd_loss(teacher, student, noise=noise, temperature=0.5).item() == pytest.approx(expected)

@@ -165,3 +165,14 @@ def test_paper_parameter_counts():
     glow_t = count_parameters(from_preset("tabular-glow-teacher", shape=(6,))) / 1000
     assert glow_s < glow_t and abs(glow_s - 4.416) < 0.01 and abs(glow_t - 14.688) < 0.01
     assert set(PRESETS) == set(PAPER_PARAMS_K)
+
+
+def test_maf_latents_are_reported_in_data_order():
+    # Identity-initialised blocks (eval mode) only reverse the features; every reported latent, whatever
+    # the number of reversals behind it, must line up with the data's features so that a 3-block student
+    # and a 6-block teacher are compared feature by feature (LKD / ILKD).
+    x = torch.randn(5, 4)
+    for depth in (1, 2, 3):
+        enc = MAF(4, depth=depth).eval().encode(x)
+        for latent in enc.latents + enc.z:
+            assert torch.allclose(latent, x, atol=1e-4), depth
