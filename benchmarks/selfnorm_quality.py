@@ -22,7 +22,6 @@ The acceptance target of issue 7 is a relative difference within 2%. Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import time
@@ -30,6 +29,7 @@ import time
 import torch
 from sklearn.datasets import load_digits
 
+from flowlib.results import atomic_write_json
 from flowlib.selfnorm import SelfNormFC, SelfNormGlow, inverse_errors, selfnorm_loss
 
 LEVELS = 17  # digits pixel values are 0..16
@@ -154,8 +154,7 @@ def main(argv=None) -> dict:
     print(f"total time {time.perf_counter() - t_start:.0f} s")
     out = {"config": vars(args), "runs": results, "summary": summaries}
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        atomic_write_json(args.json, out)
     return out
 
 

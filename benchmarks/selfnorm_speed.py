@@ -19,13 +19,13 @@ exact step adds an LU factorisation and a solve (O(D^3)), so the speed-up grows 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import time
 
 import torch
 
+from flowlib.results import atomic_write_json
 from flowlib.selfnorm import SelfNormLinear, selfnorm_loss
 
 
@@ -120,8 +120,7 @@ def main(argv=None) -> dict:
                 print(f"[{clock}] speed-up at D = {r['dim']}: {r['exact' + suffix] / r['snf' + suffix]:.2f}x")
     print(f"total time {time.perf_counter() - t_start:.0f} s")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        atomic_write_json(args.json, out)
     return out
 
 
