@@ -99,6 +99,8 @@ def run(notebooks: list[Path], parameters: dict[Path, dict], output_dir: Path, k
             papermill.execute_notebook(
                 str(path), str(out), parameters=parameters[path], kernel_name=kernel,
                 cwd=str(path.parent), progress_bar=False,
+                # the kernel's start-up warnings (e.g. about its local TCP transport) are noise here
+                extra_arguments=["--IPKernelApp.log_level=ERROR"],
             )
         except PapermillExecutionError as err:
             took = time.perf_counter() - start
