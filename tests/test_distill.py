@@ -25,15 +25,6 @@ from tests.flowcheck import perturb
 LOG_2PI = math.log(2 * math.pi)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one intra-op thread is faster and is not slowed down by a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _trained_like(model, x, seed=0):
     """Move parameters off their identity initialisation and run ActNorm's data-dependent init."""
     perturb(model, scale=0.1, seed=seed)

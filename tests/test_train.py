@@ -48,15 +48,6 @@ class Interrupt(Exception):
     pass
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one intra-op thread is faster and is not slowed down by a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _maf(seed=0, depth=2):
     torch.manual_seed(seed)
     return MAF(2, depth=depth, hidden=16)
