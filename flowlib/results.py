@@ -127,7 +127,8 @@ def notebook_setup(fast: bool, results_dir: str,
     Setting the environment variable ``FLOWLIB_FAST=1`` forces fast mode and redirects the default folders to
     ``results/fast`` and ``checkpoints/fast``: that is how ``pytest --nbval-lax notebooks`` runs the stored
     notebooks quickly without touching the committed full-size results. Fast mode also runs torch on one
-    thread (tiny models gain nothing from more).
+    thread (tiny models gain nothing from more). ``FLOWLIB_THREADS=N`` (what
+    ``python -m flowlib.run --threads N`` sets) fixes the thread count in any mode.
     """
     if os.environ.get("FLOWLIB_FAST") == "1":
         if not fast:
@@ -135,11 +136,12 @@ def notebook_setup(fast: bool, results_dir: str,
             if checkpoint_dir == "checkpoints":
                 checkpoint_dir = "checkpoints/fast"
         fast = True
-    if fast:
+    threads = os.environ.get("FLOWLIB_THREADS")
+    if fast or threads:
         import torch
 
         # Tiny models: one thread is several times faster than two fighting over small kernels.
-        torch.set_num_threads(1)
+        torch.set_num_threads(int(threads) if threads else 1)
     results_path = project_path(results_dir)
     checkpoint_path = project_path(checkpoint_dir or "checkpoints")
     results_path.mkdir(parents=True, exist_ok=True)

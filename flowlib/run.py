@@ -15,13 +15,15 @@ with its name and the failing cell, and the exit status is non-zero.
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import sys
 import time
 from pathlib import Path
 
 import yaml
 
-from .results import atomic_write_json, project_path
+from .results import _git_commit, atomic_write_json, project_path
 
 NOTEBOOK_DIR = "notebooks"
 
@@ -85,7 +87,8 @@ def build_parameters(notebooks: list[Path], cli: dict, fast: bool) -> dict[Path,
 
 
 def run(notebooks: list[Path], parameters: dict[Path, dict], output_dir: Path, kernel: str = "python3",
-        log=print) -> list[dict]:
+        log=print, on_progress=None) -> list[dict]:
+    """Execute ``notebooks`` in order; ``on_progress(summary)`` is called after each one."""
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
@@ -107,12 +110,16 @@ def run(notebooks: list[Path], parameters: dict[Path, dict], output_dir: Path, k
             log(f" FAILED after {took:.1f} s")
             summary.append({"notebook": path.stem, "seconds": took, "status": "failed"})
             atomic_write_json(output_dir / "summary.json", summary)
+            if on_progress:
+                on_progress(summary)
             raise NotebookFailed(path, err.cell_index, err.ename, err.evalue, out) from None
         took = time.perf_counter() - start
         log(f" ok ({took:.1f} s)")
         summary.append({"notebook": path.stem, "seconds": took, "status": "ok",
                         "parameters": parameters[path]})
         atomic_write_json(output_dir / "summary.json", summary)
+        if on_progress:
+            on_progress(summary)
     return summary
 
 
@@ -125,6 +132,57 @@ class NotebookFailed(RuntimeError):
         )
 
 
+class _Manifest:
+    """``<results_dir>/run.json``: the command, commit, machine and wall time behind a folder of results.
+
+    Rewritten after every notebook, so an interrupted run still says how far it got. Entries are kept per
+    notebook: running ``--only 08`` later replaces notebook 08's entry and leaves the others as they were.
+    """
+
+    def __init__(self, cli: dict, args: argparse.Namespace, output_dir: Path):
+        import json
+
+        fast_dir = FAST_PARAMETERS["results_dir"] if args.fast else "results"
+        self.path = project_path(cli.get("results_dir", fast_dir)) / "run.json"
+        try:
+            previous = json.loads(self.path.read_text()).get("notebooks", {})
+        except (OSError, ValueError):
+            previous = {}
+        self.notebooks = previous if isinstance(previous, dict) else {}
+        self.invocation = {
+            "command": "python -m flowlib.run " + " ".join(sys.argv[1:]),
+            "commit": _git_commit(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "executed_notebooks": str(output_dir),
+        }
+        self.machine = {"node": platform.node(), "arch": platform.machine(), "cpus": os.cpu_count(),
+                        "python": platform.python_version(),
+                        "torch_threads": os.environ.get("FLOWLIB_THREADS", "torch default")}
+
+    def progress(self, summary: list[dict]) -> None:
+        for entry in summary:
+            self.notebooks[entry["notebook"]] = {"seconds": round(entry["seconds"], 1),
+                                                 "status": entry["status"], **self.invocation}
+        self.write()
+
+    def finish(self, seconds: float) -> None:
+        self.invocation["wall_seconds"] = round(seconds, 1)
+        self.invocation["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self.write()
+
+    def write(self) -> None:
+        try:
+            import torch
+
+            self.machine["torch"] = torch.__version__
+        except ImportError:
+            pass
+        record = {"last_invocation": self.invocation, "machine": self.machine, "notebooks": self.notebooks,
+                  "notebook_seconds_total": round(sum(n["seconds"] for n in self.notebooks.values()), 1)}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.path, record)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flowlib.run", description=__doc__.split("\n")[0])
     parser.add_argument("--fast", action="store_true", help="tiny models and few steps (same code paths)")
@@ -135,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernel", default="python3")
     parser.add_argument("--notebook-dir", default=NOTEBOOK_DIR, help="folder of NN_*.ipynb notebooks")
     parser.add_argument("--list", action="store_true", help="list notebooks and their parameters, then exit")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="torch threads in every notebook (sets FLOWLIB_THREADS; default: torch's own)")
     args = parser.parse_args(argv)
 
     try:
@@ -156,9 +216,17 @@ def main(argv: list[str] | None = None) -> int:
         params = build_parameters(notebooks, cli, args.fast)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         output_dir = project_path(args.output_dir or f"runs/{stamp}{'-fast' if args.fast else ''}")
+        if args.threads is not None:
+            if args.threads < 1:
+                raise RunnerError(f"--threads must be at least 1, got {args.threads}")
+            os.environ["FLOWLIB_THREADS"] = str(args.threads)  # the kernels inherit it
         print(f"running {len(notebooks)} notebook(s) into {output_dir}")
+        manifest = _Manifest(cli, args, output_dir)
         start = time.perf_counter()
-        run(notebooks, params, output_dir, kernel=args.kernel)
+        try:
+            run(notebooks, params, output_dir, kernel=args.kernel, on_progress=manifest.progress)
+        finally:
+            manifest.finish(time.perf_counter() - start)
         print(f"done in {time.perf_counter() - start:.1f} s; executed notebooks in {output_dir}")
         return 0
     except (RunnerError, NotebookFailed) as err:
