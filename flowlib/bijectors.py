@@ -38,6 +38,10 @@ __all__ = [
 ]
 
 
+_LOG2_E = 1.0 / math.log(2.0)
+_LN_2 = math.log(2.0)
+
+
 def _sum_except_batch(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1).sum(dim=1)
 
@@ -93,7 +97,9 @@ class ActNorm(nn.Module):
         _check_features(x, self.features, "ActNorm")
         if self.training and not bool(self.initialized):
             self._initialize(x)
-        y = (x - _per_feature(self.bias, x)) * _per_feature(torch.exp(-self.log_scale), x)
+        scale = torch.exp(-self.log_scale)
+        # (x - b) * scale as one pass over x: x * scale + (-b * scale)
+        y = torch.addcmul(_per_feature(-self.bias * scale, x), x, _per_feature(scale, x))
         logdet = -self.log_scale.sum() * _pixels(x)
         return y, logdet.expand(x.shape[0])
 
@@ -188,6 +194,35 @@ def _coupling_net(in_f: int, out_f: int, hidden: int, image: bool) -> nn.Module:
     return net
 
 
+class _AffineCouplingFn(torch.autograd.Function):
+    """The elementwise half of :class:`AffineCoupling` in one autograd node:
+    ``y_b = (x_b + shift) * s / sigmoid(2)`` with ``s = sigmoid(raw + 2)`` and
+    ``logdet = sum(logsigmoid(raw + 2)) - n * logsigmoid(2)`` (sum over all but the batch dimension).
+
+    Backward by hand: ``dy/dx_b = dy/dshift = scale``; ``d scale / d raw = scale (1 - s)`` and
+    ``d logsigmoid(t) / dt = 1 - s``, so ``dL/draw = (g_y * y + g_logdet) * (1 - s)``.
+    """
+
+    @staticmethod
+    def forward(ctx, x_b, shift, raw, offset: float):
+        t = raw + offset
+        log_sigmoid_offset = -math.log1p(math.exp(-offset))  # in double precision, whatever the dtype
+        logdet = F.logsigmoid(t).flatten(1).sum(1) - t[0].numel() * log_sigmoid_offset
+        s = t.sigmoid_()
+        scale = s * math.exp(-log_sigmoid_offset)
+        y = torch.add(x_b, shift).mul_(scale)
+        ctx.save_for_backward(s, scale, y)
+        return y, logdet
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_logdet):
+        s, scale, y = ctx.saved_tensors
+        grad_x = grad_y * scale
+        view = (-1,) + (1,) * (y.dim() - 1)
+        grad_raw = torch.addcmul(grad_logdet.view(view), grad_y, y).mul_(1.0 - s)
+        return grad_x, grad_x, grad_raw, None
+
+
 class AffineCoupling(nn.Module):
     """GLOW's affine coupling layer.
 
@@ -205,22 +240,34 @@ class AffineCoupling(nn.Module):
         self.net = _coupling_net(self.d_a, 2 * self.d_b, hidden, image)
         self.register_buffer("offset", torch.tensor(2.0))
 
+    def _shift_raw(self, x_a):
+        """The conditioner's two outputs (interleaved channels: even = shift, odd = raw scale), each computed
+        as its own contiguous tensor by splitting the last layer's weight rather than slicing its output."""
+        h = x_a
+        for layer in self.net[:-1]:
+            h = layer(h)
+        last = self.net[-1]
+        if isinstance(last, nn.Linear):
+            return F.linear(h, last.weight[0::2], last.bias[0::2]), F.linear(h, last.weight[1::2], last.bias[1::2])
+        out = last(h)
+        return out[:, 0::2], out[:, 1::2]
+
     def _scale_shift(self, x_a):
-        h = self.net(x_a)
-        shift, raw = h[:, 0::2], h[:, 1::2]
+        shift, raw = self._shift_raw(x_a)
         log_scale = F.logsigmoid(raw + self.offset) - F.logsigmoid(self.offset)
         return shift, log_scale
 
     def forward(self, x):
         _check_features(x, self.features, "AffineCoupling")
-        x_a, x_b = x[:, : self.d_a], x[:, self.d_a :]
-        shift, log_scale = self._scale_shift(x_a)
-        y_b = (x_b + shift) * torch.exp(log_scale)
-        return torch.cat([x_a, y_b], dim=1), _sum_except_batch(log_scale)
+        x_a, x_b = x.split([self.d_a, self.d_b], dim=1)  # one cat in backward, not two scatters
+        shift, raw = self._shift_raw(x_a)
+        # the offset buffer is always 2 (kept for checkpoints); a Python float also works on the meta device
+        y_b, logdet = _AffineCouplingFn.apply(x_b, shift, raw, 2.0)
+        return torch.cat([x_a, y_b], dim=1), logdet
 
     def inverse(self, y):
         _check_features(y, self.features, "AffineCoupling")
-        y_a, y_b = y[:, : self.d_a], y[:, self.d_a :]
+        y_a, y_b = y.split([self.d_a, self.d_b], dim=1)
         shift, log_scale = self._scale_shift(y_a)
         x_b = y_b * torch.exp(-log_scale) - shift
         return torch.cat([y_a, x_b], dim=1), -_sum_except_batch(log_scale)
@@ -237,13 +284,13 @@ class AdditiveCoupling(nn.Module):
 
     def forward(self, x):
         _check_features(x, self.features, "AdditiveCoupling")
-        x_a, x_b = x[:, : self.d_a], x[:, self.d_a :]
+        x_a, x_b = x.split([self.d_a, self.d_b], dim=1)  # one cat in backward, not two scatters
         y = torch.cat([x_a, x_b + self.net(x_a)], dim=1)
         return y, x.new_zeros(x.shape[0])
 
     def inverse(self, y):
         _check_features(y, self.features, "AdditiveCoupling")
-        y_a, y_b = y[:, : self.d_a], y[:, self.d_a :]
+        y_a, y_b = y.split([self.d_a, self.d_b], dim=1)
         x = torch.cat([y_a, y_b - self.net(y_a)], dim=1)
         return x, y.new_zeros(y.shape[0])
 
@@ -340,14 +387,50 @@ class Reverse(Permute):
     def __init__(self, features: int):
         super().__init__(features, perm=torch.arange(features - 1, -1, -1))
 
+    # flip is a strided copy; fancy indexing (and its scatter backward) is ~10x slower on the CPU
+    def forward(self, x):
+        _check_features(x, self.features, "Reverse")
+        return x.flip(1), x.new_zeros(x.shape[0])
+
+    def inverse(self, y):
+        _check_features(y, self.features, "Reverse")
+        return y.flip(1), y.new_zeros(y.shape[0])
+
 
 class _MaskedLinear(nn.Linear):
+    """A linear layer whose weight is multiplied by a fixed 0/1 mask (MADE's connectivity).
+
+    Input columns the mask never uses are left out of the product: in MADE's first layer every input whose
+    degree exceeds the largest hidden degree is unused (for D = 63 and 32 hidden units, inputs 33..63), so
+    the layer multiplies only the used leading columns, which halves its cost there.
+    """
+
     def __init__(self, in_f: int, out_f: int, mask: torch.Tensor):
         super().__init__(in_f, out_f)
         self.register_buffer("mask", mask)
+        used = mask.any(0).nonzero()
+        self.used_inputs = int(used.max()) + 1 if used.numel() else 1  # a prefix: the rest of the columns is 0
+
+    def masked_weight(self) -> torch.Tensor:
+        k = self.used_inputs
+        return self.weight[:, :k] * self.mask[:, :k]
 
     def forward(self, x):
-        return F.linear(x, self.weight * self.mask, self.bias)
+        return F.linear(x[:, : self.used_inputs], self.masked_weight(), self.bias)
+
+    def forward_chunks(self, x, chunks: int, scales=None, reverse_out: bool = False) -> list[torch.Tensor]:
+        """The output split into ``chunks`` equal groups of units, each computed as its own contiguous
+        (N, out / chunks) tensor, group ``j`` multiplied by ``scales[j]`` if given (and each group's units in
+        reverse order with ``reverse_out``). Slicing one (N, out) result would leave strided views, and
+        elementwise kernels on those run several times slower."""
+        weights, biases = self.masked_weight().chunk(chunks, 0), self.bias.chunk(chunks)
+        if reverse_out:
+            weights, biases = [w.flip(0) for w in weights], [b.flip(0) for b in biases]
+        x = x[:, : self.used_inputs]
+        if scales is None:
+            return [F.linear(x, w, b) for w, b in zip(weights, biases)]
+        return [F.linear(x, w * c, b * c) if c != 1 else F.linear(x, w, b)
+                for w, b, c in zip(weights, biases, scales)]
 
 
 class MADE(nn.Module):
@@ -370,7 +453,8 @@ class MADE(nn.Module):
         sizes = [d] + [hidden] * layers
         for k in range(layers):
             mask = (degs[k + 1][:, None] >= degs[k][None, :]).float()
-            modules += [_MaskedLinear(sizes[k], sizes[k + 1], mask), nn.ReLU()]
+            # in place: a linear layer's backward needs its input and weight, not its output
+            modules += [_MaskedLinear(sizes[k], sizes[k + 1], mask), nn.ReLU(inplace=True)]
         out_mask = (deg_in[:, None] > degs[-1][None, :]).float().repeat(n_outputs, 1)
         last = _MaskedLinear(sizes[-1], n_outputs * d, out_mask)
         nn.init.zeros_(last.weight)
@@ -380,7 +464,58 @@ class MADE(nn.Module):
 
     def forward(self, x):
         _check_features(x, self.features, "MADE")
-        return self.net(x).view(x.shape[0], self.n_outputs, self.features)
+        return torch.stack(self.heads(x), 1)
+
+    def heads(self, x, scales=None, reversed_features: bool = False) -> list[torch.Tensor]:
+        """The ``n_outputs`` heads as separate contiguous (N, D) tensors (what ``forward`` stacks), head ``j``
+        multiplied by ``scales[j]`` if given.
+
+        ``reversed_features=True`` computes ``flip(MADE(flip(x)))`` for ``x`` given back to front, by
+        reversing the first layer's input columns and the heads' rows (small weight matrices) instead of
+        the (N, D) data: a MAF can then skip the reversal between its blocks (see ``MAF.encode``).
+        """
+        first = self.net[0]
+        if reversed_features:
+            k = first.used_inputs
+            h = F.linear(x[:, self.features - k:], first.masked_weight().flip(1), first.bias)
+        else:
+            h = first(x)
+        for layer in self.net[1:-1]:
+            h = layer(h)
+        return self.net[-1].forward_chunks(h, self.n_outputs, scales, reverse_out=reversed_features)
+
+
+class _AffineAutoregressiveFn(torch.autograd.Function):
+    """Eq. 10's encode step fused into one autograd node: from ``x`` and the MADE heads ``mu`` and
+    ``r' = 2 r / clamp`` (the scaling is folded into the last layer's weights),
+    ``alpha = clamp * tanh(r / clamp)``, ``u = (x - mu) * exp(-alpha)`` and ``logdet = -sum_i alpha_i``.
+
+    Written out by hand because autograd's op-by-op graph of the same formula makes about twice as many passes
+    over the (N, D) tensors, and those passes, not the small MADE matmuls, dominate a MAF training step.
+    ``clamp * tanh(r / clamp)`` is evaluated as ``clamp * (2 sigmoid(2 r / clamp) - 1)`` (the same function;
+    the CPU sigmoid kernel is much faster than tanh). Backward: ``du/dx = exp(-alpha)``, ``du/dmu = -du/dx``,
+    ``du/dalpha = -u``, ``dlogdet/dalpha = -1``, ``dalpha/dr' = 2 clamp s (1 - s)`` with ``s = sigmoid(r')``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, mu, r_scaled, clamp: float):
+        s = torch.sigmoid(r_scaled)
+        # -alpha in base-2 units: exp2 is ~3x faster than exp on the CPU
+        neg_alpha2 = torch.add(s.new_tensor(clamp * _LOG2_E), s, alpha=-2.0 * clamp * _LOG2_E)
+        logdet = neg_alpha2.sum(1).mul_(_LN_2)
+        scale = neg_alpha2.exp2_()
+        u = torch.sub(x, mu).mul_(scale)
+        ctx.save_for_backward(s, scale, u)
+        ctx.clamp = clamp
+        return u, logdet
+
+    @staticmethod
+    def backward(ctx, grad_u, grad_logdet):
+        s, scale, u = ctx.saved_tensors
+        grad_x = grad_u * scale
+        # dL/dr' = -(grad_u * u + grad_logdet) * dalpha/dr',  dalpha/dr' = 2 clamp s (1 - s)
+        grad_r = torch.addcmul(grad_logdet.unsqueeze(1), grad_u, u).mul_(s).mul_(s - 1.0).mul_(2.0 * ctx.clamp)
+        return grad_x, -grad_x, grad_r, None
 
 
 class MaskedAffineAutoregressive(nn.Module):
@@ -398,25 +533,78 @@ class MaskedAffineAutoregressive(nn.Module):
         self.made = MADE(features, hidden, layers, n_outputs=2)
         self.clamp = clamp
 
-    def _params(self, x):
-        h = self.made(x)
-        mu, alpha = h[:, 0], h[:, 1]
-        return mu, self.clamp * torch.tanh(alpha / self.clamp)
-
-    def forward(self, x):
+    def forward(self, x, reversed_features: bool = False):
+        """Encode ``x``; with ``reversed_features=True``, ``x`` holds the features back to front and so does the
+        result (``flip(forward(flip(x)))``, computed without touching the data's order)."""
         _check_features(x, self.features, "MaskedAffineAutoregressive")
-        mu, alpha = self._params(x)
-        return (x - mu) * torch.exp(-alpha), -alpha.sum(dim=1)
+        # the raw scale head comes out of the last layer already multiplied by 2 / clamp (see the Fn)
+        mu, r = self.made.heads(x, scales=(1.0, 2.0 / self.clamp), reversed_features=reversed_features)
+        if torch.is_grad_enabled():
+            return _AffineAutoregressiveFn.apply(x, mu, r, self.clamp)
+        # evaluation: the same arithmetic in place in the freshly computed heads (no new (N, D) buffers)
+        s = r.sigmoid_()
+        neg_alpha2 = torch.add(s.new_tensor(self.clamp * _LOG2_E), s, alpha=-2.0 * self.clamp * _LOG2_E, out=s)
+        logdet = neg_alpha2.sum(1).mul_(_LN_2)
+        return torch.sub(x, mu, out=mu).mul_(neg_alpha2.exp2_()), logdet
 
     def inverse(self, u):
+        """Decode one feature at a time. Output ``i`` of MADE sees only inputs ``< i``, so rather than running
+        the whole network D times on the partly decoded vector, each step adds the one new input to the first
+        layer's pre-activation (a rank-one update), recomputes the hidden layers, and evaluates only output
+        ``i``'s two rows of the last layer. Gradients flow through every step (SKD needs them)."""
         _check_features(u, self.features, "MaskedAffineAutoregressive")
-        x = torch.zeros_like(u)
-        for i in range(self.features):
-            mu, alpha = self._params(x)
-            x = x.clone()
-            x[:, i] = u[:, i] * torch.exp(alpha[:, i]) + mu[:, i]
-        mu, alpha = self._params(x)
-        return x, alpha.sum(dim=1)
+        net = self.made.net
+        first, last = net[0], net[-1]
+        d, k = self.features, 2.0 / self.clamp
+        w_first = first.masked_weight()
+        w_last = last.masked_weight().view(2, d, -1) * torch.tensor([1.0, k], dtype=u.dtype,
+                                                                     device=u.device).view(2, 1, 1)
+        b_last = last.bias.view(2, d) * torch.tensor([[1.0], [k]], dtype=u.dtype, device=u.device)
+        pre = first.bias.expand(u.shape[0], -1)
+        columns, alpha_sum = [], 0
+        for i in range(d):
+            if 0 < i <= first.used_inputs:
+                pre = torch.addr(pre, columns[i - 1], w_first[:, i - 1])
+            h = torch.relu(pre)
+            for layer in net[2:-1]:
+                h = layer(h)
+            mu, r = torch.addmm(b_last[:, i], h, w_last[:, i].T).unbind(1)
+            alpha = torch.sigmoid(r) * (2.0 * self.clamp) - self.clamp
+            columns.append(torch.addcmul(mu, u[:, i], torch.exp(alpha)))
+            alpha_sum = alpha_sum + alpha
+        return torch.stack(columns, 1), alpha_sum
+
+
+class _BatchNormFn(torch.autograd.Function):
+    """Training-mode batch normalisation with its log-determinant, fused into one autograd node:
+    ``y = (x - m) * exp(ls) + beta`` and ``logdet = sum(ls)`` with ``m, v`` the batch mean and (biased)
+    variance and ``ls = log_gamma - log(v + eps) / 2``. Both outputs depend on ``x`` through ``m`` and ``v``.
+    Returns ``y, logdet, m, v`` (the last two for the running averages; no gradient flows through them).
+    """
+
+    @staticmethod
+    def forward(ctx, x, log_gamma, beta, eps: float):
+        mean = x.mean(0)
+        centered = x - mean
+        # the mean of squares of the centred batch: much faster than the column-wise var kernel on (N, D)
+        var = centered.square().mean(0)
+        log_scale = log_gamma - 0.5 * torch.log(var + eps)
+        scale = log_scale.exp()
+        ctx.save_for_backward(centered, scale, var)
+        ctx.eps = eps
+        ctx.mark_non_differentiable(mean, var)
+        return torch.addcmul(beta, centered, scale), log_scale.sum(), mean, var
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_logdet, _grad_mean, _grad_var):
+        centered, scale, var = ctx.saved_tensors
+        n = centered.shape[0]
+        grad_beta = grad_y.sum(0)
+        grad_log_scale = (grad_y * centered).sum(0) * scale + grad_logdet
+        grad_var = grad_log_scale * (-0.5 / (var + ctx.eps))
+        grad_centered = torch.addcmul(grad_y * scale, centered, grad_var * (2.0 / n))
+        grad_x = grad_centered - grad_centered.mean(0)
+        return grad_x, grad_log_scale, grad_beta, None
 
 
 class BatchNormFlow(nn.Module):
@@ -435,20 +623,22 @@ class BatchNormFlow(nn.Module):
         self.register_buffer("running_mean", torch.zeros(features))
         self.register_buffer("running_var", torch.ones(features))
 
-    def forward(self, x):
+    def forward(self, x, reversed_features: bool = False):
+        """Normalise ``x``; ``reversed_features=True``: ``x`` (and the result) hold the features back to front."""
         _check_features(x, self.features, "BatchNormFlow")
         if x.dim() != 2:
             raise ValueError("BatchNormFlow works on tabular (N, D) input")
+        order = (lambda v: v.flip(0)) if reversed_features else (lambda v: v)
         if self.training and x.shape[0] > 1:
-            mean, var = x.mean(0), x.var(0, unbiased=False)
+            y, logdet, mean, var = _BatchNormFn.apply(x, order(self.log_gamma), order(self.beta), self.eps)
             with torch.no_grad():
-                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
-                self.running_var.lerp_(var.detach().to(self.running_var.dtype), self.momentum)
-        else:
-            mean, var = self.running_mean, self.running_var
-        y = (x - mean) / torch.sqrt(var + self.eps) * torch.exp(self.log_gamma) + self.beta
-        logdet = (self.log_gamma - 0.5 * torch.log(var + self.eps)).sum()
-        return y, logdet.expand(x.shape[0])
+                self.running_mean.lerp_(order(mean).to(self.running_mean.dtype), self.momentum)
+                self.running_var.lerp_(order(var).to(self.running_var.dtype), self.momentum)
+            return y, logdet.expand(x.shape[0])
+        log_scale = order(self.log_gamma - 0.5 * torch.log(self.running_var + self.eps))
+        scale = torch.exp(log_scale)
+        y = torch.addcmul(order(self.beta) - order(self.running_mean) * scale, x, scale)  # one pass over x
+        return y, log_scale.sum().expand(x.shape[0])
 
     def inverse(self, y):
         _check_features(y, self.features, "BatchNormFlow")

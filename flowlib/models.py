@@ -143,7 +143,7 @@ def standard_normal_logprob(z: list[torch.Tensor]) -> torch.Tensor:
     total = 0.0
     for t in z:
         flat = t.reshape(t.shape[0], -1)
-        total = total + (-0.5 * flat.pow(2) - 0.5 * _LOG_2PI).sum(dim=1)
+        total = total - 0.5 * (flat.square().sum(dim=1) + flat.shape[1] * _LOG_2PI)
     return total
 
 
@@ -279,6 +279,16 @@ class MAFBlock(nn.Module):
             logdet = logdet + ld
         return x, logdet
 
+    def forward_unreversed(self, x, reversed_features: bool):
+        """``flip(forward(x))``, computed without moving the data: the transform and the batch norm run with
+        their weights reversed when ``reversed_features`` says ``x`` holds the features back to front, and
+        the final reversal is skipped. See :meth:`MAF.encode`."""
+        logdet = 0
+        for layer in self.layers[:-1]:
+            x, ld = layer(x, reversed_features=reversed_features)
+            logdet = logdet + ld
+        return x, logdet
+
     def inverse(self, y):
         logdet = 0
         for layer in reversed(self.layers):
@@ -310,10 +320,14 @@ class MAF(Flow):
         self._check_input(x)
         logdet = x.new_zeros(x.shape[0])
         latents = []
+        # After k + 1 reversals, block k's output in data order is what the block computes *before* its
+        # reversal, given its input in data order (k even) or back to front (k odd). So no block moves the
+        # data: odd blocks run with reversed weights (tiny matrices) and every latent comes out in data order,
+        # the values block(x) followed by the flips would give, without two (N, D) copies per block.
         for k, block in enumerate(self.blocks):
-            x, ld = block(x)
+            x, ld = block.forward_unreversed(x, reversed_features=k % 2 == 1)
             logdet = logdet + ld
-            latents.append(x.flip(1) if k % 2 == 0 else x)  # data order after k + 1 reversals
+            latents.append(x)
         return Encoding([latents[-1]], logdet, latents)
 
     def decode(self, z) -> torch.Tensor:
