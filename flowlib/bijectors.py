@@ -143,11 +143,24 @@ class InvertibleLinear(nn.Module):
 
     def forward(self, x):
         _check_features(x, self.features, type(self).__name__)
-        return self._mix(x, self.weight()), self._logdet(x)
+        return self._mix(x, self._matrix(inverse=False)), self._logdet(x)
 
     def inverse(self, y):
         _check_features(y, self.features, type(self).__name__)
-        return self._mix(y, torch.linalg.inv(self.weight())), -self._logdet(y)
+        return self._mix(y, self._matrix(inverse=True)), -self._logdet(y)
+
+    def _matrix(self, inverse: bool) -> torch.Tensor:
+        """``W`` or ``W^-1``. Without gradients (evaluation, sampling) both are cached until a parameter
+        changes (an optimizer step or a checkpoint load bumps its version) or moves to another device."""
+        if torch.is_grad_enabled() or self.lower.device.type == "meta":
+            w = self.weight()
+            return torch.linalg.inv(w) if inverse else w
+        key = tuple((p._version, p.data_ptr(), p.dtype) for p in (self.lower, self.upper, self.log_s))
+        cache = self.__dict__.setdefault("_matrix_cache", {})  # inverse -> (key, matrix)
+        if inverse not in cache or cache[inverse][0] != key:
+            w = self.weight()
+            cache[inverse] = (key, torch.linalg.inv(w) if inverse else w)
+        return cache[inverse][1]
 
     @staticmethod
     def _mix(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
