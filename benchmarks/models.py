@@ -16,7 +16,8 @@ Three parts, each printed as a table:
 ``--compile`` adds the training step with ``torch.compile`` (an opt-in; compilation time printed apart).
 Usage::
 
-    python benchmarks/models.py [--threads 1] [--repeats 15] [--compile] [--json results/benchmarks/models.json]
+    python benchmarks/models.py [--threads 1] [--repeats 15] [--compile]
+                                [--json results/benchmarks/models.json]
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def teacher_student(repeats: int, batch: int):
             zs = {role: m.encode(x).z for role, m in models.items()}
             calls = {}
             for role, m in models.items():
-                calls[(role, "encode")] = (lambda m=m: m.log_prob(x))
+                calls[(role, "encode")] = (lambda m=m, x=x: m.log_prob(x))
                 calls[(role, "decode")] = (lambda m=m, z=zs[role]: m.decode(z))
             ms = _interleaved_ms(calls, repeats)
         step_ratio = _steps(models["student"]) / _steps(models["teacher"])
@@ -101,13 +102,16 @@ def teacher_student(repeats: int, batch: int):
                          "teacher_ms": ms[("teacher", op)], "student_ms": ms[("student", op)],
                          "teacher_params": count_parameters(models["teacher"]),
                          "student_params": count_parameters(models["student"]),
-                         "teacher_steps": _steps(models["teacher"]), "student_steps": _steps(models["student"]),
+                         "teacher_steps": _steps(models["teacher"]),
+                         "student_steps": _steps(models["student"]),
                          "time_ratio": ratio, "step_ratio": step_ratio,
                          "ratio_off_by": ratio / step_ratio - 1.0})
     print(f"\n1. teacher vs student, median ms per batch (tabular batch {batch}, images 64), interleaved")
-    print(f"{'model':28} {'op':6} {'teacher':>9} {'student':>9} {'time ratio':>10} {'step ratio':>10} {'off by':>7}")
+    print(f"{'model':28} {'op':6} {'teacher':>9} {'student':>9} {'time ratio':>10} {'step ratio':>10} "
+          f"{'off by':>7}")
     for r in rows:
-        name = f"{r['arch']} {'x'.join(map(str, r['shape']))} ({r['teacher_steps']} vs {r['student_steps']} steps)"
+        shape = "x".join(map(str, r["shape"]))
+        name = f"{r['arch']} {shape} ({r['teacher_steps']} vs {r['student_steps']} steps)"
         print(f"{name:28} {r['op']:6} {r['teacher_ms']:9.2f} {r['student_ms']:9.2f} {r['time_ratio']:10.3f} "
               f"{r['step_ratio']:10.3f} {100 * r['ratio_off_by']:+6.1f}%")
     return rows
@@ -134,12 +138,13 @@ def image_glow(repeats: int):
         train_ms = _median_ms(_train_step(model, x, opt), repeats)
         model.eval()
         with torch.inference_mode():
-            sample_ms = _median_ms(lambda: model.sample(64, temperature=0.7), repeats)
+            sample_ms = _median_ms(lambda model=model: model.sample(64, temperature=0.7), repeats)
         rows.append({"role": role, "params": count_parameters(model), "train_step_ms": train_ms,
                      "sample_64_ms": sample_ms, **SIZES[("glow", "image", role)]})
     print("\n2. image Glow on 1x32x32 (notebook sizes): training step at batch 64, sampling 64 at T = 0.7")
     for r in rows:
-        print(f"{r['role']:8} L={r['levels']} K={r['depth']} hidden={r['hidden']} ({r['params'] / 1e3:.0f}K): "
+        size = f"L={r['levels']} K={r['depth']} hidden={r['hidden']} ({r['params'] / 1e3:.0f}K)"
+        print(f"{r['role']:8} {size}: "
               f"train step {r['train_step_ms']:.1f} ms, sample {r['sample_64_ms']:.1f} ms")
     return rows
 
@@ -183,9 +188,11 @@ def achieved(repeats: int, compile_too: bool):
     print(f"\n3. achieved throughput of a training step (matmul/conv FLOPs); measured fp32 matmul peak "
           f"{peak:.0f} GFLOP/s")
     for r in rows:
-        extra = (f"; torch.compile: {r['compiled_step_ms']:.1f} ms ({r['step_ms'] / r['compiled_step_ms']:.2f}x, "
+        speedup = r["step_ms"] / r["compiled_step_ms"] if "compiled_step_ms" in r else None
+        extra = (f"; torch.compile: {r['compiled_step_ms']:.1f} ms ({speedup:.2f}x, "
                  f"compiled in {r['compile_seconds']:.0f} s)" if "compiled_step_ms" in r else "")
-        print(f"{r['case']:40} {r['gflop']:6.2f} GFLOP in {r['step_ms']:7.1f} ms = {r['gflops']:5.1f} GFLOP/s "
+        print(f"{r['case']:40} {r['gflop']:6.2f} GFLOP in {r['step_ms']:7.1f} ms = "
+              f"{r['gflops']:5.1f} GFLOP/s "
               f"({100 * r['gflops'] / peak:.0f}% of peak){extra}")
     return rows
 
@@ -200,7 +207,8 @@ def main(argv=None):
     p.add_argument("--json", help="also write the figures to this JSON file")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} thread(s), {platform.machine()} with {os.cpu_count()} cpus")
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {platform.machine()} "
+          f"with {os.cpu_count()} cpus")
     out = {"threads": args.threads, "torch": torch.__version__,
            "machine": f"{platform.machine()} ({os.cpu_count()} cpus)"}
     if 1 in args.parts:

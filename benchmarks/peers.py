@@ -59,8 +59,8 @@ class Adapter:
 
 def free_parameters(module: nn.Module) -> int:
     """Trainable parameters, not counting the entries of flowlib's LU factors that are structurally zero
-    (``InvertibleLinear`` stores L and U as full D x D matrices and masks them; nflows and normflows store only
-    the triangles). Masked MADE weights are counted in full, as every library stores them."""
+    (``InvertibleLinear`` stores L and U as full D x D matrices and masks them; nflows and normflows store
+    only the triangles). Masked MADE weights are counted in full, as every library stores them."""
     from flowlib.bijectors import InvertibleLinear
 
     n = count_parameters(module)
@@ -155,8 +155,8 @@ def build_normflows(arch: str, d: int, blocks: int, hidden: int) -> Adapter:
     for _ in range(blocks):
         if arch == "maf":
             # normflows' BatchNorm has no inverse (so no log_prob): the blocks go without it
-            layers += [nf.flows.MaskedAffineAutoregressive(d, hidden, num_blocks=1, use_residual_blocks=False),
-                       nf.flows.Permute(d, mode="swap")]
+            made = nf.flows.MaskedAffineAutoregressive(d, hidden, num_blocks=1, use_residual_blocks=False)
+            layers += [made, nf.flows.Permute(d, mode="swap")]
         else:
             d1 = (d + 1) // 2  # normflows splits channels with chunk(2): the first part is the larger
             layers += [nf.flows.ActNorm((d,)), nf.flows.LULinearPermute(d, identity_init=False),
@@ -164,7 +164,8 @@ def build_normflows(arch: str, d: int, blocks: int, hidden: int) -> Adapter:
                                                                 init_zeros=True), scale_map="sigmoid")]
     flow = nf.NormalizingFlow(nf.distributions.DiagGaussian(d, trainable=False), layers)
     if arch == "maf":
-        note = ("no batch norm (normflows' BatchNorm cannot be inverted); its MAF layer runs the masked network "
+        note = ("no batch norm (normflows' BatchNorm cannot be inverted); its MAF layer runs the masked "
+                "network "
                 "once when sampling and D times in log_prob (the inverse autoregressive direction)")
         family = "iaf"
     else:
@@ -180,7 +181,7 @@ def available(name: str) -> bool:
     return name.startswith("flowlib") or importlib.util.find_spec(name.split("-")[0]) is not None
 
 
-# --- timing --------------------------------------------------------------------------------------------------
+# --- timing ----------------------------------------------------------------------------------------------
 
 def train_step(adapter: Adapter, x: torch.Tensor, optimizer):
     def step():
@@ -340,13 +341,14 @@ def main(argv=None):
     names = [n for n in args.libraries if available(n)]
     for n in set(args.libraries) - set(names):
         print(f"note: {n} is not installed (pip install -e .[bench]); skipped", file=sys.stderr)
-    print(f"torch {torch.__version__}, {args.threads} thread(s), {platform.machine()} with {os.cpu_count()} cpus; "
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {platform.machine()} "
+          f"with {os.cpu_count()} cpus; "
           f"{args.blocks} blocks, hidden {args.hidden}; medians of {args.repeats} interleaved repeats")
     rows = []
     for arch in args.archs:
         for d in args.dims:
-            rows += bench_case(names, arch, d, args.blocks, args.hidden, args.batches, args.sample, args.repeats,
-                               ops=args.ops)
+            rows += bench_case(names, arch, d, args.blocks, args.hidden, args.batches, args.sample,
+                               args.repeats, ops=args.ops)
     print_table(rows)
     notes = {(r["arch"], r["library"]): r["note"] for r in rows if r["note"]}
     for (arch, lib), note in sorted(notes.items()):

@@ -194,13 +194,14 @@ def _coupling_net(in_f: int, out_f: int, hidden: int, image: bool) -> nn.Module:
     if image:
         last = nn.Conv2d(hidden, out_f, 3, padding=1)
         net = nn.Sequential(
-            nn.Conv2d(in_f, hidden, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(hidden, hidden, 1), nn.ReLU(), last,
+            nn.Conv2d(in_f, hidden, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, hidden, 1), nn.ReLU(inplace=True), last,
         )
     else:
         last = nn.Linear(hidden, out_f)
         net = nn.Sequential(
-            nn.Linear(in_f, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), last
+            nn.Linear(in_f, hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, hidden), nn.ReLU(inplace=True), last,
         )
     nn.init.zeros_(last.weight)
     nn.init.zeros_(last.bias)
@@ -217,13 +218,22 @@ class _AffineCouplingFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_b, shift, raw, offset: float):
-        t = raw + offset
+    def compute(x_b, shift, raw, offset: float, in_place: bool = False):
+        """``y_b, logdet, s, scale``; ``in_place`` reuses ``raw`` and ``shift`` (evaluation only), with the
+        very same arithmetic, so both paths agree bit for bit."""
+        t = raw.add_(offset) if in_place else raw + offset
         log_sigmoid_offset = -math.log1p(math.exp(-offset))  # in double precision, whatever the dtype
         logdet = F.logsigmoid(t).flatten(1).sum(1) - t[0].numel() * log_sigmoid_offset
         s = t.sigmoid_()
+        if in_place:
+            scale = s.mul_(math.exp(-log_sigmoid_offset))
+            return shift.add_(x_b).mul_(scale), logdet, None, scale
         scale = s * math.exp(-log_sigmoid_offset)
-        y = torch.add(x_b, shift).mul_(scale)
+        return torch.add(shift, x_b).mul_(scale), logdet, s, scale
+
+    @staticmethod
+    def forward(ctx, x_b, shift, raw, offset: float):
+        y, logdet, s, scale = _AffineCouplingFn.compute(x_b, shift, raw, offset)
         ctx.save_for_backward(s, scale, y)
         return y, logdet
 
@@ -261,9 +271,8 @@ class AffineCoupling(nn.Module):
             h = layer(h)
         last = self.net[-1]
         if isinstance(last, nn.Linear):
-            return F.linear(h, last.weight[0::2], last.bias[0::2]), F.linear(h, last.weight[1::2], last.bias[1::2])
-        out = last(h)
-        return out[:, 0::2], out[:, 1::2]
+            return tuple(F.linear(h, last.weight[k::2], last.bias[k::2]) for k in (0, 1))
+        return tuple(F.conv2d(h, last.weight[k::2], last.bias[k::2], padding=last.padding) for k in (0, 1))
 
     def _scale_shift(self, x_a):
         shift, raw = self._shift_raw(x_a)
@@ -275,7 +284,10 @@ class AffineCoupling(nn.Module):
         x_a, x_b = x.split([self.d_a, self.d_b], dim=1)  # one cat in backward, not two scatters
         shift, raw = self._shift_raw(x_a)
         # the offset buffer is always 2 (kept for checkpoints); a Python float also works on the meta device
-        y_b, logdet = _AffineCouplingFn.apply(x_b, shift, raw, 2.0)
+        if torch.is_grad_enabled():
+            y_b, logdet = _AffineCouplingFn.apply(x_b, shift, raw, 2.0)
+        else:  # evaluation: the same operations, in place in the conditioner's fresh outputs
+            y_b, logdet = _AffineCouplingFn.compute(x_b, shift, raw, 2.0, in_place=True)[:2]
         return torch.cat([x_a, y_b], dim=1), logdet
 
     def inverse(self, y):
@@ -422,7 +434,8 @@ class _MaskedLinear(nn.Linear):
         super().__init__(in_f, out_f)
         self.register_buffer("mask", mask)
         used = mask.any(0).nonzero()
-        self.used_inputs = int(used.max()) + 1 if used.numel() else 1  # a prefix: the rest of the columns is 0
+        # a prefix: every later column of the mask is 0
+        self.used_inputs = int(used.max()) + 1 if used.numel() else 1
 
     def masked_weight(self) -> torch.Tensor:
         k = self.used_inputs
@@ -527,7 +540,8 @@ class _AffineAutoregressiveFn(torch.autograd.Function):
         s, scale, u = ctx.saved_tensors
         grad_x = grad_u * scale
         # dL/dr' = -(grad_u * u + grad_logdet) * dalpha/dr',  dalpha/dr' = 2 clamp s (1 - s)
-        grad_r = torch.addcmul(grad_logdet.unsqueeze(1), grad_u, u).mul_(s).mul_(s - 1.0).mul_(2.0 * ctx.clamp)
+        grad_r = torch.addcmul(grad_logdet.unsqueeze(1), grad_u, u)
+        grad_r.mul_(s).mul_(s - 1.0).mul_(2.0 * ctx.clamp)
         return grad_x, -grad_x, grad_r, None
 
 
@@ -547,8 +561,8 @@ class MaskedAffineAutoregressive(nn.Module):
         self.clamp = clamp
 
     def forward(self, x, reversed_features: bool = False):
-        """Encode ``x``; with ``reversed_features=True``, ``x`` holds the features back to front and so does the
-        result (``flip(forward(flip(x)))``, computed without touching the data's order)."""
+        """Encode ``x``; with ``reversed_features=True``, ``x`` holds the features back to front and so does
+        the result (``flip(forward(flip(x)))``, computed without touching the data's order)."""
         _check_features(x, self.features, "MaskedAffineAutoregressive")
         # the raw scale head comes out of the last layer already multiplied by 2 / clamp (see the Fn)
         mu, r = self.made.heads(x, scales=(1.0, 2.0 / self.clamp), reversed_features=reversed_features)
@@ -556,7 +570,8 @@ class MaskedAffineAutoregressive(nn.Module):
             return _AffineAutoregressiveFn.apply(x, mu, r, self.clamp)
         # evaluation: the same arithmetic in place in the freshly computed heads (no new (N, D) buffers)
         s = r.sigmoid_()
-        neg_alpha2 = torch.add(s.new_tensor(self.clamp * _LOG2_E), s, alpha=-2.0 * self.clamp * _LOG2_E, out=s)
+        c2 = self.clamp * _LOG2_E
+        neg_alpha2 = torch.add(s.new_tensor(c2), s, alpha=-2.0 * c2, out=s)
         logdet = neg_alpha2.sum(1).mul_(_LN_2)
         return torch.sub(x, mu, out=mu).mul_(neg_alpha2.exp2_()), logdet
 
@@ -637,7 +652,8 @@ class BatchNormFlow(nn.Module):
         self.register_buffer("running_var", torch.ones(features))
 
     def forward(self, x, reversed_features: bool = False):
-        """Normalise ``x``; ``reversed_features=True``: ``x`` (and the result) hold the features back to front."""
+        """Normalise ``x``; ``reversed_features=True``: ``x`` (and the result) hold the features back to
+        front."""
         _check_features(x, self.features, "BatchNormFlow")
         if x.dim() != 2:
             raise ValueError("BatchNormFlow works on tabular (N, D) input")

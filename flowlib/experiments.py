@@ -18,8 +18,8 @@ from .data import info
 from .train import TrainConfig
 
 __all__ = [
-    "METHODS", "METHOD_LABELS", "SIZES", "Budget", "budget", "evaluate_runs", "student_config", "summarise",
-    "teacher_config", "to_records",
+    "METHODS", "METHOD_LABELS", "SIZES", "Budget", "Variant", "budget", "evaluate_runs", "evaluate_variants",
+    "student_config", "summarise", "teacher_config", "to_records", "variant_config",
 ]
 
 METHODS = ("nll", "lkd", "ilkd", "skd")
@@ -167,6 +167,51 @@ def evaluate_runs(arch: str, dataset: str, methods, seeds, *, fast: bool = False
             rows.append({"arch": arch, "dataset": dataset, "model": method, "seed": seed,
                          "params_k": parameter_count_k(student), "train_seconds": history[-1]["time"],
                          **_test_metric(student, dataset, seed, max_test)})
+    return rows
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A student run that departs from the defaults, for ablations: the method, Eq. 15's weights, and
+    multipliers of the default step count and learning rate."""
+
+    method: str = "ilkd"
+    lambdas: tuple | None = None
+    steps_factor: float = 1.0
+    lr_factor: float = 1.0
+    distance: str = "l1"
+
+
+def variant_config(arch: str, dataset: str, variant: Variant, *, fast: bool = False, seed: int = 0,
+                   teacher_seed: int = 0, device: str = "cpu") -> TrainConfig:
+    """:func:`student_config` with ``variant``'s changes (another configuration, so its own checkpoint)."""
+    import dataclasses
+
+    base = student_config(arch, dataset, variant.method, fast=fast, seed=seed, teacher_seed=teacher_seed,
+                          device=device, lambdas=variant.lambdas)
+    return dataclasses.replace(base, steps=max(1, round(base.steps * variant.steps_factor)),
+                               lr=base.lr * variant.lr_factor, distance=variant.distance)
+
+
+def evaluate_variants(arch: str, dataset: str, variants: dict, seeds, *, fast: bool = False,
+                      device: str = "cpu", checkpoint_root="checkpoints", teacher_seed: int = 0,
+                      progress: bool = True) -> list[dict]:
+    """Train (or load) every ``{name: Variant}`` for every seed; rows like :func:`evaluate_runs`' with
+    ``model = name`` (add the teacher and plain-student rows from :func:`evaluate_runs` to get gap closures
+    from :func:`summarise`)."""
+    from .metrics import parameter_count_k
+    from .train import train_or_load
+
+    rows = []
+    for name, variant in variants.items():
+        for seed in seeds:
+            config = variant_config(arch, dataset, variant, fast=fast, seed=seed, teacher_seed=teacher_seed,
+                                    device=device)
+            student, history = train_or_load(config, checkpoint_root=checkpoint_root, progress=progress)
+            rows.append({"arch": arch, "dataset": dataset, "model": name, "seed": seed,
+                         "params_k": parameter_count_k(student), "train_seconds": history[-1]["time"],
+                         "steps": config.steps, "lr": config.lr, "lambdas": list(config.lambdas or ()),
+                         **_test_metric(student, dataset, seed)})
     return rows
 
 

@@ -40,7 +40,7 @@ def _trained_like(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return module
 
 
-# --- the fused autograd nodes: backward against finite differences --------------------------------------------
+# --- the fused autograd nodes: backward against finite differences ----------------------------------------
 
 def test_affine_autoregressive_fn_gradcheck():
     x, mu, r = (_randn(5, 4, seed=s, requires_grad=True) for s in range(3))
@@ -50,7 +50,8 @@ def test_affine_autoregressive_fn_gradcheck():
 def test_batch_norm_fn_gradcheck():
     x = _randn(7, 3, requires_grad=True)
     log_gamma, beta = _randn(3, seed=1, requires_grad=True), _randn(3, seed=2, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, b, c: _BatchNormFn.apply(a, b, c, 1e-5)[:2], (x, log_gamma, beta))
+    fn = lambda a, b, c: _BatchNormFn.apply(a, b, c, 1e-5)[:2]  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, log_gamma, beta))
 
 
 @pytest.mark.parametrize("shape", [(5, 3), (2, 3, 2, 2)])
@@ -59,7 +60,7 @@ def test_affine_coupling_fn_gradcheck(shape):
     assert torch.autograd.gradcheck(lambda a, b, c: _AffineCouplingFn.apply(a, b, c, 2.0), (x_b, shift, raw))
 
 
-# --- the shortcuts against the formulas -----------------------------------------------------------------------
+# --- the shortcuts against the formulas -------------------------------------------------------------------
 
 def _made_reference(made: MADE, x: torch.Tensor) -> torch.Tensor:
     """MADE evaluated literally: every layer on all its inputs with the masked weight, one (N, 2D) output."""
@@ -166,9 +167,10 @@ def test_affine_coupling_matches_formula():
     layer = _trained_like(AffineCoupling(5, hidden=6).double())
     x = _randn(8, 5)
     h = layer.net(x[:, :2])
-    log_scale = F.logsigmoid(h[:, 1::2] + 2.0) - math.log(torch.sigmoid(torch.tensor(2.0, dtype=torch.float64)))
+    log_scale = F.logsigmoid(h[:, 1::2] + 2.0) - math.log(1.0 / (1.0 + math.exp(-2.0)))
     y, ld = layer(x)
-    torch.testing.assert_close(y[:, 2:], (x[:, 2:] + h[:, 0::2]) * torch.exp(log_scale), rtol=1e-12, atol=1e-12)
+    expected = (x[:, 2:] + h[:, 0::2]) * torch.exp(log_scale)
+    torch.testing.assert_close(y[:, 2:], expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(y[:, :2], x[:, :2])
     torch.testing.assert_close(ld, log_scale.sum(1), rtol=1e-12, atol=1e-12)
 
@@ -205,3 +207,25 @@ def test_lu_matrix_cache_follows_parameter_updates():
     torch.testing.assert_close(y2, x @ layer.weight().T, rtol=1e-12, atol=1e-12)
     assert not torch.allclose(y1, y2)
     torch.testing.assert_close(x2, x, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("image", [False, True])
+def test_glow_step_with_actnorm_folded_into_the_mixing_matrix(image):
+    from flowlib.models import FlowStep
+
+    step = FlowStep(4, hidden=6, image=image).double()
+    x = _randn(5, 4, 2, 2) if image else _randn(5, 4)
+    step.train()
+    step(x)  # ActNorm's data-dependent initialisation runs the sequential path
+    _trained_like(step)
+    step.actnorm.initialized.fill_(True)
+    y, ld = step(x)  # the folded path
+    h, expected_ld = x, 0
+    for layer in (step.actnorm, step.mix, step.coupling):
+        h, part = layer(h)
+        expected_ld = expected_ld + part
+    torch.testing.assert_close(y, h, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ld, expected_ld, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():  # the in-place evaluation path gives the same numbers bit for bit
+        y_eval, ld_eval = step(x)
+    assert torch.equal(y_eval, y.detach()) and torch.equal(ld_eval, ld.detach())

@@ -196,8 +196,24 @@ def test_08_evaluation(fast_run):
 
 
 @pytest.mark.slow
-def test_10_results(fast_run):
-    r = fast_run["10_results"]["results"]
+def test_10_distillation_ablations(fast_run):
+    r = fast_run["10_distillation_ablations"]["results"]
+    models = {(row["arch"], row["model"]) for row in r["summary"]}
+    for arch in ("maf", "glow"):
+        assert {(arch, "teacher"), (arch, "nll"), (arch, "ilkd")} <= models
+        assert sum(1 for a, _ in models if a == arch) == 3 + len(r["variants"])
+    # variants really changed what they claim: lr and step count against the default plain student
+    plain = {row["seed"]: row for row in r["rows"] if row["model"] == "nll"}
+    assert plain  # default rows come from evaluate_runs and carry no lr/steps; variants do
+    lr_rows = [row for row in r["rows"] if row["model"].startswith("plain, lr")]
+    steps_rows = [row for row in r["rows"] if row["model"].startswith("plain, ") and "steps" in row["model"]]
+    assert lr_rows and steps_rows and steps_rows[0]["steps"] == 2 * 40  # fast mode trains 40 steps
+    assert all(isinstance(v["beyond_spread"], bool) for v in r["verdicts"])
+
+
+@pytest.mark.slow
+def test_11_results(fast_run):
+    r = fast_run["11_results"]["results"]
     assert r["n_verdicts"] == 12  # 2 sets x 2 architectures x 3 methods (no failures in fast mode)
     assert all(v["verdict"] == "one seed: no claim" for v in r["verdicts"])  # fast mode runs one seed
     paper_rows = [x for x in r["table2_ratios"] if x["source"] == "paper"]
