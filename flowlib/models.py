@@ -158,7 +158,9 @@ class FlowStep(nn.Module):
         self.coupling = AffineCoupling(features, hidden, image=image)
 
     def forward(self, x):
-        if x.device.type == "meta" or not bool(self.actnorm.initialized):
+        # (a self-normalizing flow swaps in its own mixing layer, which must see its input: no folding there)
+        if (x.device.type == "meta" or not isinstance(self.mix, InvertibleLinear)
+                or not bool(self.actnorm.initialized)):
             logdet = 0
             for layer in (self.actnorm, self.mix, self.coupling):
                 x, ld = layer(x)
