@@ -132,6 +132,21 @@ class NotebookFailed(RuntimeError):
         )
 
 
+def _results_dir(notebooks: list[Path], params: dict[Path, dict]) -> Path | None:
+    """The folder the notebooks write their results to (their ``results_dir`` parameter, as given or as
+    declared), where ``run.json`` goes; None if no selected notebook has that parameter."""
+    import ast
+
+    for path in notebooks:
+        declared = declared_parameters(path)
+        if "results_dir" in declared:
+            value = params[path].get("results_dir")
+            if value is None:
+                value = ast.literal_eval(declared["results_dir"]["default"])
+            return project_path(value)
+    return None
+
+
 class _Manifest:
     """``<results_dir>/run.json``: the command, commit, machine and wall time behind a folder of results.
 
@@ -139,18 +154,17 @@ class _Manifest:
     notebook: running ``--only 08`` later replaces notebook 08's entry and leaves the others as they were.
     """
 
-    def __init__(self, cli: dict, args: argparse.Namespace, output_dir: Path):
+    def __init__(self, results_dir: Path, output_dir: Path, argv: list[str]):
         import json
 
-        fast_dir = FAST_PARAMETERS["results_dir"] if args.fast else "results"
-        self.path = project_path(cli.get("results_dir", fast_dir)) / "run.json"
+        self.path = results_dir / "run.json"
         try:
             previous = json.loads(self.path.read_text()).get("notebooks", {})
         except (OSError, ValueError):
             previous = {}
         self.notebooks = previous if isinstance(previous, dict) else {}
         self.invocation = {
-            "command": "python -m flowlib.run " + " ".join(sys.argv[1:]),
+            "command": " ".join(["python -m flowlib.run", *argv]),
             "commit": _git_commit(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "executed_notebooks": str(output_dir),
@@ -221,12 +235,16 @@ def main(argv: list[str] | None = None) -> int:
                 raise RunnerError(f"--threads must be at least 1, got {args.threads}")
             os.environ["FLOWLIB_THREADS"] = str(args.threads)  # the kernels inherit it
         print(f"running {len(notebooks)} notebook(s) into {output_dir}")
-        manifest = _Manifest(cli, args, output_dir)
+        results_dir = _results_dir(notebooks, params)
+        given = sys.argv[1:] if argv is None else list(argv)
+        manifest = _Manifest(results_dir, output_dir, given) if results_dir else None
         start = time.perf_counter()
         try:
-            run(notebooks, params, output_dir, kernel=args.kernel, on_progress=manifest.progress)
+            run(notebooks, params, output_dir, kernel=args.kernel,
+                on_progress=manifest.progress if manifest else None)
         finally:
-            manifest.finish(time.perf_counter() - start)
+            if manifest:
+                manifest.finish(time.perf_counter() - start)
         print(f"done in {time.perf_counter() - start:.1f} s; executed notebooks in {output_dir}")
         return 0
     except (RunnerError, NotebookFailed) as err:

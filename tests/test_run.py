@@ -60,3 +60,31 @@ def test_runs_in_order_and_reports_the_failing_cell(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert [s["status"] for s in summary] == ["ok", "failed"]
     assert (out / "01_ok.ipynb").exists()
+
+
+def test_run_json_records_every_notebook_and_merges_later_runs(tmp_path):
+    nbdir, results = tmp_path / "nbs", tmp_path / "results"
+    nbdir.mkdir()
+    for name in ("01_a", "02_b"):
+        _notebook(nbdir / f"{name}.ipynb", 'results_dir = "results"\nthreads = 0',
+                  "import os\nthreads = os.environ.get('FLOWLIB_THREADS')")
+    args = ["--notebook-dir", str(nbdir), "-p", "results_dir", str(results),
+            "--output-dir", str(tmp_path / "r")]
+    assert run.main(args + ["--threads", "1"]) == 0
+    first = json.loads((results / "run.json").read_text())
+    assert set(first["notebooks"]) == {"01_a", "02_b"}
+    assert all(n["status"] == "ok" and n["seconds"] > 0 for n in first["notebooks"].values())
+    assert first["machine"]["torch_threads"] == "1" and first["machine"]["cpus"] >= 1
+    assert "--threads 1" in first["last_invocation"]["command"]
+    assert first["last_invocation"]["wall_seconds"] > 0
+    assert run.main(args + ["--only", "02"]) == 0  # a later partial run replaces only its own entry
+    second = json.loads((results / "run.json").read_text())
+    assert second["notebooks"]["01_a"] == first["notebooks"]["01_a"]
+    assert second["notebooks"]["02_b"]["command"] != first["notebooks"]["02_b"]["command"]
+
+
+def test_no_run_json_for_notebooks_without_a_results_folder(tmp_path):
+    nbdir = tmp_path / "nbs"
+    nbdir.mkdir()
+    _notebook(nbdir / "01_a.ipynb", "n = 1", "pass")
+    assert run._results_dir([nbdir / "01_a.ipynb"], {nbdir / "01_a.ipynb": {}}) is None
