@@ -68,14 +68,18 @@ def parse_value(text: str):
         return text
 
 
-def build_parameters(notebooks: list[Path], cli: dict, fast: bool) -> dict[Path, dict]:
-    """Per-notebook parameters; raises :class:`RunnerError` for names no selected notebook declares."""
+def build_parameters(notebooks: list[Path], cli: dict, fast: bool,
+                     known_from: list[Path] | None = None) -> dict[Path, dict]:
+    """Per-notebook parameters; raises :class:`RunnerError` for names that no notebook of ``known_from``
+    (default: the selected ones) declares. With ``--only``, the runner checks against every notebook in
+    the folder, so one parameter file serves the whole run and any part of it."""
     declared = {p: declared_parameters(p) for p in notebooks}
-    known = set().union(*[set(d) for d in declared.values()]) if declared else set()
+    reference = declared if known_from is None else {p: declared_parameters(p) for p in known_from}
+    known = set().union(*[set(d) for d in reference.values()]) if reference else set()
     unknown = sorted(set(cli) - known)
     if unknown:
         raise RunnerError(
-            f"unknown parameter(s) {', '.join(unknown)}: no selected notebook declares them. "
+            f"unknown parameter(s) {', '.join(unknown)}: no notebook declares them. "
             f"Declared parameters: {', '.join(sorted(known))}"
         )
     per_notebook = {}
@@ -227,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise RunnerError(f"{args.parameters_file} must hold a mapping of parameter names to values")
             cli.update(loaded)
         cli.update({k: parse_value(v) for k, v in args.parameter})
-        params = build_parameters(notebooks, cli, args.fast)
+        params = build_parameters(notebooks, cli, args.fast, known_from=discover(args.notebook_dir))
         stamp = time.strftime("%Y%m%d-%H%M%S")
         output_dir = project_path(args.output_dir or f"runs/{stamp}{'-fast' if args.fast else ''}")
         if args.threads is not None:

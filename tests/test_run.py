@@ -43,6 +43,10 @@ def test_fast_and_cli_parameters_go_only_where_declared(tmp_path):
     assert params[b] == {}
     with pytest.raises(run.RunnerError, match="unknown parameter"):
         run.build_parameters([b], {"seed": 4}, fast=False)
+    # with --only, a parameter file for the whole run is checked against every notebook, not the selection
+    assert run.build_parameters([b], {"seed": 4}, fast=False, known_from=[a, b]) == {b: {}}
+    with pytest.raises(run.RunnerError, match="unknown parameter"):
+        run.build_parameters([b], {"sead": 4}, fast=False, known_from=[a, b])
 
 
 def test_runs_in_order_and_reports_the_failing_cell(tmp_path, capsys):
