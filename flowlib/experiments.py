@@ -115,14 +115,20 @@ def _skd_samples(kind: str, fast: bool) -> int:
 
 
 def _test_metric(model, dataset: str, seed: int, max_test: int | None = None) -> dict:
-    """Test log-likelihood (tabular, nats) or bits/dim (images) with its standard error."""
+    """Test log-likelihood (tabular, nats) or bits/dim (images) with its standard error.
+
+    Every model is scored on the test split it was trained against: training loads the data with the
+    default split seed (``flowlib.train``'s ``data_fn``), so the test set must come from that split too,
+    whatever the run's seed. (For sets without an official split, a different split seed would put rows of
+    the training set into the test set.) ``seed`` only seeds the dequantisation noise of images.
+    """
     import torch
 
     from .bijectors import ImagePreprocess
     from .data import load, to_model_space
     from .metrics import test_bits_per_dim, test_log_likelihood
 
-    x = load(dataset, "test", seed=seed)
+    x = load(dataset, "test")
     if max_test is not None:
         x = x[:max_test]
     if _kind(dataset) == "tabular":
