@@ -159,14 +159,9 @@ class _Manifest:
     """
 
     def __init__(self, results_dir: Path, output_dir: Path, argv: list[str]):
-        import json
 
         self.path = results_dir / "run.json"
-        try:
-            previous = json.loads(self.path.read_text()).get("notebooks", {})
-        except (OSError, ValueError):
-            previous = {}
-        self.notebooks = previous if isinstance(previous, dict) else {}
+        self.ran: dict[str, dict] = {}  # this invocation's notebooks; the others are re-read at every write
         self.invocation = {
             "command": " ".join(["python -m flowlib.run", *argv]),
             "commit": _git_commit(),
@@ -179,9 +174,18 @@ class _Manifest:
 
     def progress(self, summary: list[dict]) -> None:
         for entry in summary:
-            self.notebooks[entry["notebook"]] = {"seconds": round(entry["seconds"], 1),
-                                                 "status": entry["status"], **self.invocation}
+            self.ran[entry["notebook"]] = {"seconds": round(entry["seconds"], 1), "status": entry["status"],
+                                           **self.invocation}
         self.write()
+
+    def _on_disk(self) -> dict:
+        import json
+
+        try:
+            found = json.loads(self.path.read_text()).get("notebooks", {})
+        except (OSError, ValueError):
+            return {}
+        return found if isinstance(found, dict) else {}
 
     def finish(self, seconds: float) -> None:
         self.invocation["wall_seconds"] = round(seconds, 1)
@@ -195,8 +199,10 @@ class _Manifest:
             self.machine["torch"] = torch.__version__
         except ImportError:
             pass
-        record = {"last_invocation": self.invocation, "machine": self.machine, "notebooks": self.notebooks,
-                  "notebook_seconds_total": round(sum(n["seconds"] for n in self.notebooks.values()), 1)}
+        # merge with what is on disk now: another invocation (e.g. --only 09 in parallel) may have written since
+        notebooks = {**self._on_disk(), **self.ran}
+        record = {"last_invocation": self.invocation, "machine": self.machine, "notebooks": notebooks,
+                  "notebook_seconds_total": round(sum(n["seconds"] for n in notebooks.values()), 1)}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.path, record)
 
