@@ -199,7 +199,7 @@ class _Manifest:
             self.machine["torch"] = torch.__version__
         except ImportError:
             pass
-        # merge with what is on disk now: another invocation (e.g. --only 09 in parallel) may have written since
+        # merge with what is on disk now: another invocation (--only 09 in parallel) may have written since
         notebooks = {**self._on_disk(), **self.ran}
         record = {"last_invocation": self.invocation, "machine": self.machine, "notebooks": notebooks,
                   "notebook_seconds_total": round(sum(n["seconds"] for n in notebooks.values()), 1)}
