@@ -15,6 +15,7 @@ with its name and the failing cell, and the exit status is non-zero.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import sys
@@ -55,9 +56,15 @@ def select(notebooks: list[Path], only: list[str] | None) -> list[Path]:
 
 
 def declared_parameters(path: Path) -> dict:
+    """The notebook's parameters cell, as papermill reads it (cached: the runner asks several times)."""
+    return _inspect(str(path), Path(path).stat().st_mtime_ns)
+
+
+@functools.cache
+def _inspect(path: str, mtime_ns: int) -> dict:
     import papermill
 
-    return papermill.inspect_notebook(str(path))
+    return papermill.inspect_notebook(path)
 
 
 def parse_value(text: str):
