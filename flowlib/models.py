@@ -20,12 +20,14 @@ same randomness at every level (SKD, Eq. 14).
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import scratch
 from .bijectors import (
     ActNorm,
     AffineCoupling,
@@ -88,9 +90,24 @@ class Flow(nn.Module):
         return next(self.parameters())
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-sample log-density in nats: ``sum log N(z; 0, I) + log|det dz/dx|`` (Eq. 1-3)."""
-        enc = self.encode(x)
-        return standard_normal_logprob(enc.z) + enc.logdet
+        """Per-sample log-density in nats: ``sum log N(z; 0, I) + log|det dz/dx|`` (Eq. 1-3).
+
+        Without gradients, a tabular batch of up to :data:`flowlib.scratch.MAX_ELEMENTS` values is evaluated
+        with the model's scratch arena: the intermediates of one call are reused by the next (see
+        :mod:`flowlib.scratch`; :meth:`release_scratch` frees them). The result is always a new tensor.
+        """
+        if torch.is_grad_enabled() or x.dim() != 2 or x.numel() > scratch.MAX_ELEMENTS:
+            enc = self.encode(x)
+            return standard_normal_logprob(enc.z) + enc.logdet
+        arenas = self.__dict__.setdefault("_scratch_arenas", {})  # thread id -> Arena
+        arena = arenas.setdefault(threading.get_ident(), scratch.Arena())
+        with scratch.using(arena, x.shape[0]):
+            enc = self.encode(x)
+            return standard_normal_logprob(enc.z) + enc.logdet
+
+    def release_scratch(self) -> None:
+        """Free the buffers :meth:`log_prob` keeps for evaluation passes."""
+        self.__dict__.pop("_scratch_arenas", None)
 
     def flatten_latent(self, z: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat([t.reshape(t.shape[0], -1) for t in z], dim=1)
@@ -144,7 +161,9 @@ def standard_normal_logprob(z: list[torch.Tensor]) -> torch.Tensor:
     total = 0.0
     for t in z:
         flat = t.reshape(t.shape[0], -1)
-        total = total - 0.5 * (flat.square().sum(dim=1) + flat.shape[1] * _LOG_2PI)
+        arena = scratch.active()
+        sq = flat.square() if arena is None else torch.mul(flat, flat, out=arena.take(flat.shape, flat))
+        total = total - 0.5 * (sq.sum(dim=1) + flat.shape[1] * _LOG_2PI)
     return total
 
 
@@ -174,7 +193,9 @@ class FlowStep(nn.Module):
         if x.dim() == 4:
             x = F.conv2d(x, w_a.view(*w_a.shape, 1, 1), bias)
         else:
-            x = torch.addmm(bias, x, w_a.T)
+            arena = scratch.active()
+            out = None if arena is None else arena.take(x.shape, x)
+            x = torch.addmm(bias, x, w_a.T, out=out)
         pixels = x[0, 0].numel() if x.dim() == 4 else 1
         y, ld = self.coupling(x)
         return y, ld + (self.mix.log_s.sum() - self.actnorm.log_scale.sum()) * pixels  # Eq. 6 and 9 log-dets

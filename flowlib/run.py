@@ -6,9 +6,15 @@ Examples::
     python -m flowlib.run --only 05 --only 06    # some notebooks
     python -m flowlib.run -p seed 3 -p steps 2000
     python -m flowlib.run -f configs/cpu.yaml    # parameters from a file (a mapping of name -> value)
+    python -m flowlib.run -f configs/cpu.yaml --jobs 2 --threads 1   # two notebooks at a time
 
-Executed notebooks go to ``runs/<timestamp>/``. A parameter that none of the selected notebooks declares is
-rejected before anything runs (papermill itself would only warn). The first failing notebook stops the run
+Executed notebooks go to ``runs/<timestamp>/``. With ``--jobs N``, N notebooks run at once, in order of
+their numbers; a notebook whose metadata says ``{"flowlib": {"run_after_others": true}}`` (the results
+notebook, which reads everyone's results) waits until all the others have finished. Two notebooks that need
+the same model do not both train it: :func:`flowlib.train.train_or_load` holds a lock per configuration.
+
+A parameter that none of the selected notebooks declares is rejected before anything runs (papermill
+itself would only warn). The first failing notebook stops the run
 with its name and the failing cell, and the exit status is non-zero.
 """
 
@@ -97,41 +103,97 @@ def build_parameters(notebooks: list[Path], cli: dict, fast: bool,
     return per_notebook
 
 
-def run(notebooks: list[Path], parameters: dict[Path, dict], output_dir: Path, kernel: str = "python3",
-        log=print, on_progress=None) -> list[dict]:
-    """Execute ``notebooks`` in order; ``on_progress(summary)`` is called after each one."""
+def _execute(path: str, out: str, parameters: dict, kernel: str) -> tuple[float, tuple | None]:
+    """Run one notebook with papermill: ``(seconds, None)``, or ``(seconds, (cell, ename, evalue))`` if a
+    cell raised. A plain function of plain values, so a worker process can run it (``--jobs``)."""
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
+    start = time.perf_counter()
+    try:
+        papermill.execute_notebook(
+            path, out, parameters=parameters, kernel_name=kernel, cwd=str(Path(path).parent),
+            progress_bar=False,
+            # the kernel's start-up warnings (e.g. about its local TCP transport) are noise here
+            extra_arguments=["--IPKernelApp.log_level=ERROR"],
+        )
+    except PapermillExecutionError as err:
+        return time.perf_counter() - start, (err.cell_index, err.ename, err.evalue)
+    return time.perf_counter() - start, None
+
+
+def runs_after_others(path: Path) -> bool:
+    """Whether the notebook's metadata asks to run after every other selected notebook (``--jobs``)."""
+    import json
+
+    meta = json.loads(Path(path).read_text()).get("metadata", {}).get("flowlib", {})
+    return bool(meta.get("run_after_others", False))
+
+
+def run(notebooks: list[Path], parameters: dict[Path, dict], output_dir: Path, kernel: str = "python3",
+        log=print, on_progress=None, jobs: int = 1) -> list[dict]:
+    """Execute ``notebooks`` in order (``jobs`` at a time); ``on_progress(summary)`` is called after each
+    one. The first failure stops the run with :class:`NotebookFailed` (notebooks already running finish)."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    summary = []
-    for i, path in enumerate(notebooks, 1):
-        out = output_dir / path.name
-        log(f"[{i}/{len(notebooks)}] {path.stem} ...", end="", flush=True)
-        start = time.perf_counter()
-        try:
-            papermill.execute_notebook(
-                str(path), str(out), parameters=parameters[path], kernel_name=kernel,
-                cwd=str(path.parent), progress_bar=False,
-                # the kernel's start-up warnings (e.g. about its local TCP transport) are noise here
-                extra_arguments=["--IPKernelApp.log_level=ERROR"],
-            )
-        except PapermillExecutionError as err:
-            took = time.perf_counter() - start
-            log(f" FAILED after {took:.1f} s")
+    summary: list[dict] = []
+    total = len(notebooks)
+
+    def record(path: Path, took: float, error) -> None:
+        done = len(summary) + 1
+        if error is None:
+            log(f"[{done}/{total}] {path.stem} ok ({took:.1f} s)")
+            summary.append({"notebook": path.stem, "seconds": took, "status": "ok",
+                            "parameters": parameters[path]})
+        else:
+            log(f"[{done}/{total}] {path.stem} FAILED after {took:.1f} s")
             summary.append({"notebook": path.stem, "seconds": took, "status": "failed"})
-            atomic_write_json(output_dir / "summary.json", summary)
-            if on_progress:
-                on_progress(summary)
-            raise NotebookFailed(path, err.cell_index, err.ename, err.evalue, out) from None
-        took = time.perf_counter() - start
-        log(f" ok ({took:.1f} s)")
-        summary.append({"notebook": path.stem, "seconds": took, "status": "ok",
-                        "parameters": parameters[path]})
         atomic_write_json(output_dir / "summary.json", summary)
         if on_progress:
             on_progress(summary)
+        if error is not None:
+            raise NotebookFailed(path, *error, output_dir / path.name)
+
+    if jobs > 1:
+        last = [p for p in notebooks if runs_after_others(p)]
+        _run_parallel([p for p in notebooks if p not in last], parameters, output_dir, kernel, jobs, log,
+                      record)
+    else:
+        last = notebooks
+    for path in last:
+        log(f"{path.stem} ...", flush=True)
+        took, error = _execute(str(path), str(output_dir / path.name), parameters[path], kernel)
+        record(path, took, error)
     return summary
+
+
+def _run_parallel(notebooks: list[Path], parameters, output_dir: Path, kernel: str, jobs: int, log,
+                  record) -> None:
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    pending = list(notebooks)
+    running = {}
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            while pending or running:
+                while pending and len(running) < jobs:
+                    path = pending.pop(0)
+                    log(f"{path.stem} started", flush=True)
+                    running[pool.submit(_execute, str(path), str(output_dir / path.name), parameters[path],
+                                        kernel)] = path
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    took, error = future.result()
+                    record(running.pop(future), took, error)
+        except NotebookFailed:
+            pending.clear()  # nothing new starts; the notebooks already running finish and are recorded
+            for future in wait(running).done:
+                took, error = future.result()
+                try:
+                    record(running[future], took, error)
+                except NotebookFailed:
+                    pass  # the first failure is the one reported
+            raise
 
 
 class NotebookFailed(RuntimeError):
@@ -226,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="list notebooks and their parameters, then exit")
     parser.add_argument("--threads", type=int, metavar="N",
                         help="torch threads in every notebook (sets FLOWLIB_THREADS; default: torch's own)")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="notebooks run at once (default 1); use with --threads so that jobs x threads "
+                             "does not exceed the cores")
     args = parser.parse_args(argv)
 
     try:
@@ -251,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.threads < 1:
                 raise RunnerError(f"--threads must be at least 1, got {args.threads}")
             os.environ["FLOWLIB_THREADS"] = str(args.threads)  # the kernels inherit it
+        if args.jobs < 1:
+            raise RunnerError(f"--jobs must be at least 1, got {args.jobs}")
         print(f"running {len(notebooks)} notebook(s) into {output_dir}")
         results_dir = _results_dir(notebooks, params)
         given = sys.argv[1:] if argv is None else list(argv)
@@ -258,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         try:
             run(notebooks, params, output_dir, kernel=args.kernel,
-                on_progress=manifest.progress if manifest else None)
+                on_progress=manifest.progress if manifest else None, jobs=args.jobs)
         finally:
             if manifest:
                 manifest.finish(time.perf_counter() - start)

@@ -16,11 +16,13 @@ would (bitwise on CPU).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -45,6 +47,7 @@ from .results import atomic_write
 __all__ = [
     "TrainConfig", "TrainingDiverged", "config_diff", "config_hash", "evaluate", "history_frame",
     "load_checkpoint", "load_model", "resolve_device", "save_checkpoint", "train", "train_or_load",
+    "training_lock",
 ]
 
 CHECKPOINT_VERSION = 1
@@ -508,6 +511,31 @@ def _default_data_fn() -> Callable[[str, str], Any]:
     return load
 
 
+@contextlib.contextmanager
+def training_lock(directory: Path):
+    """Hold ``<directory>/.lock`` exclusively (POSIX ``flock``), so that two processes asking for the same
+    configuration at once (``python -m flowlib.run --jobs 2``, two notebooks open side by side) train it
+    once: the second waits, then finds the finished checkpoint. The lock goes with the process, so a killed
+    run never leaves it held. Where ``fcntl`` does not exist (Windows) there is no lock."""
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(directory / ".lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process that is training {directory.name} ...", file=sys.stderr,
+                  flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def train_or_load(config: TrainConfig, data_fn: Callable[[str, str], Any] | None = None,
                   checkpoint_root: str | os.PathLike = "checkpoints", progress: bool = True,
                   which: str = "best") -> tuple[nn.Module, list[dict]]:
@@ -518,25 +546,45 @@ def train_or_load(config: TrainConfig, data_fn: Callable[[str, str], Any] | None
     returns the ``"train"`` and ``"val"`` splits (default: :func:`flowlib.data.load`). A distilled config
     trains or loads ``config.teacher`` first, under the same root. A stored config that differs from
     ``config`` is refused, naming the differing keys. Returns ``(model, history)``; the model holds the
-    ``which="best"`` (lowest validation NLL) or ``"last"`` weights and is in eval mode.
+    ``which="best"`` (lowest validation NLL) or ``"last"`` weights and is in eval mode. Training holds
+    :func:`training_lock`, so concurrent callers with the same config train it once.
     """
     if which not in ("best", "last"):
         raise ValueError(f"which must be 'best' or 'last', got {which!r}")
     directory = Path(checkpoint_root) / f"{config.name}-{config_hash(config)}"
-    last_path = directory / "last.pt"
+    found = _load_finished(config, directory, which)
+    if found is not None:
+        return found
+    with training_lock(directory):
+        found = _load_finished(config, directory, which)  # another process may have trained it meanwhile
+        if found is not None:
+            return found
+        return _train_new(config, data_fn, checkpoint_root, progress, which, directory)
+
+
+def _finish(config: TrainConfig, directory: Path, which: str, model: nn.Module, history: list[dict]):
     device = resolve_device(config.device)
+    path = directory / ("best.pt" if which == "best" and (directory / "best.pt").exists() else "last.pt")
+    model.load_state_dict(load_checkpoint(path, map_location=device)["model"])
+    return model.to(device).eval(), history
 
-    def finish(model: nn.Module, history: list[dict]):
-        path = directory / ("best.pt" if which == "best" and (directory / "best.pt").exists() else "last.pt")
-        model.load_state_dict(load_checkpoint(path, map_location=device)["model"])
-        return model.to(device).eval(), history
 
-    if last_path.exists():
-        ck = load_checkpoint(last_path)
-        _check_same_config(ck["config"], config, last_path)
-        if ck.get("finished"):
-            model = build_model(config.arch, tuple(ck["input_shape"]), **config.model_kwargs)
-            return finish(model, list(ck["history"]))
+def _load_finished(config: TrainConfig, directory: Path, which: str):
+    """``(model, history)`` of a finished run in ``directory``, else None (a stored config that differs is
+    an error)."""
+    last_path = directory / "last.pt"
+    if not last_path.exists():
+        return None
+    ck = load_checkpoint(last_path)
+    _check_same_config(ck["config"], config, last_path)
+    if not ck.get("finished"):
+        return None
+    model = build_model(config.arch, tuple(ck["input_shape"]), **config.model_kwargs)
+    return _finish(config, directory, which, model, list(ck["history"]))
+
+
+def _train_new(config: TrainConfig, data_fn, checkpoint_root, progress: bool, which: str, directory: Path):
+    """Train (or resume) ``config`` into ``directory``; the caller holds its :func:`training_lock`."""
     if config.dataset is None:
         raise ValueError("config.dataset is not set: name the dataset data_fn should load")
     data_fn = data_fn or _default_data_fn()
@@ -552,4 +600,4 @@ def train_or_load(config: TrainConfig, data_fn: Callable[[str, str], Any] | None
     model = build_model(config.arch, tuple(train_x.shape[1:]), **config.model_kwargs)
     history = train(model, train_x, val_x, config, teacher=teacher, checkpoint_dir=directory,
                     progress=progress)
-    return finish(model, history)
+    return _finish(config, directory, which, model, history)

@@ -43,8 +43,21 @@ def _trained_like(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 # --- the fused autograd nodes: backward against finite differences ----------------------------------------
 
 def test_affine_autoregressive_fn_gradcheck():
-    x, mu, r = (_randn(5, 4, seed=s, requires_grad=True) for s in range(3))
-    assert torch.autograd.gradcheck(lambda a, b, c: _AffineAutoregressiveFn.apply(a, b, c, 3.0), (x, mu, r))
+    x, neg_mu, r = (_randn(5, 4, seed=s, requires_grad=True) for s in range(3))
+    fn = lambda a, b, c: _AffineAutoregressiveFn.apply(a, b, c, 3.0)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, neg_mu, r))
+    # the value is Eq. 10 with mu = -neg_mu
+    u, logdet = _AffineAutoregressiveFn.apply(x, neg_mu, r, 3.0)
+    alpha = 3.0 * torch.tanh(r * 3.0 / 2 / 3.0)
+    torch.testing.assert_close(u, (x + neg_mu) * torch.exp(-alpha))
+    torch.testing.assert_close(logdet, -alpha.sum(1))
+    # heads wider than x (MADE pads 63 to 64 columns): u uses the first columns, the log-det all of them
+    wide_mu, wide_r = (_randn(5, 6, seed=s, requires_grad=True) for s in (3, 4))
+    assert torch.autograd.gradcheck(fn, (x, wide_mu, wide_r))
+    u, logdet = _AffineAutoregressiveFn.apply(x, wide_mu, wide_r, 3.0)
+    alpha = 3.0 * torch.tanh(wide_r / 2)
+    torch.testing.assert_close(u, (x + wide_mu[:, :4]) * torch.exp(-alpha[:, :4]))
+    torch.testing.assert_close(logdet, -alpha.sum(1))
 
 
 def test_batch_norm_fn_gradcheck():
@@ -81,22 +94,36 @@ def test_made_skips_only_unused_inputs(features, hidden):
         assert first.used_inputs == 32  # 32 hidden units have degrees 1..32: inputs 33..63 are never used
     x = _randn(9, features)
     torch.testing.assert_close(made(x), _made_reference(made, x), rtol=1e-12, atol=1e-12)
-    flipped = torch.stack(made.heads(x.flip(1), reversed_features=True), 1)
+    heads = made.heads(x.flip(1), reversed_features=True)
+    assert all(h.shape == (9, made.head_width) and h.is_contiguous() for h in heads)
+    assert made.head_width == (64 if features == 63 else features)  # 63 is padded for BLAS, 6 and 1 are not
+    flipped = torch.stack([h[:, :features] for h in heads], 1)
     torch.testing.assert_close(flipped, _made_reference(made, x).flip(2), rtol=1e-12, atol=1e-12)
+    assert all((h[:, features:] == 0).all() for h in heads)  # the padding columns are exactly zero
 
 
-@pytest.mark.parametrize("grad", [True, False])
-def test_masked_affine_autoregressive_matches_eq10(grad):
-    layer = _trained_like(MaskedAffineAutoregressive(5, hidden=8, clamp=2.0).double())
-    x = _randn(11, 5)
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("features", [5, 63])  # 63: heads padded to 64 columns
+def test_masked_affine_autoregressive_matches_eq10(grad, features):
+    layer = _trained_like(MaskedAffineAutoregressive(features, hidden=8, clamp=2.0).double())
+    x = _randn(11, features)
     h = _made_reference(layer.made, x)
     alpha = 2.0 * torch.tanh(h[:, 1] / 2.0)
     expected_u, expected_ld = (x - h[:, 0]) * torch.exp(-alpha), -alpha.sum(1)
+    weights = _randn(11, features, seed=5)
     with torch.set_grad_enabled(grad):
         for reverse in (False, True):
             u, ld = layer(x.flip(1) if reverse else x, reversed_features=reverse)
-            torch.testing.assert_close(u.flip(1) if reverse else u, expected_u, rtol=1e-12, atol=1e-12)
+            u = u.flip(1) if reverse else u
+            torch.testing.assert_close(u, expected_u, rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(ld, expected_ld, rtol=1e-12, atol=1e-12)
+            if grad:  # the fused backward against autograd through the reference formula
+                params = list(layer.parameters())
+                got = torch.autograd.grad((u * weights).sum() + ld.sum(), params, retain_graph=True)
+                want = torch.autograd.grad((expected_u * weights).sum() + expected_ld.sum(), params,
+                                           retain_graph=True)
+                for g, w in zip(got, want):
+                    torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
 
 
 def test_masked_affine_autoregressive_incremental_decode_matches_sequential():
@@ -229,3 +256,73 @@ def test_glow_step_with_actnorm_folded_into_the_mixing_matrix(image):
     with torch.no_grad():  # the in-place evaluation path gives the same numbers bit for bit
         y_eval, ld_eval = step(x)
     assert torch.equal(y_eval, y.detach()) and torch.equal(ld_eval, ld.detach())
+
+
+# --- the evaluation arena (flowlib.scratch) ----------------------------------------------------------------
+
+def _tabular_models():
+    torch.manual_seed(0)
+    maf = _trained_like(MAF(7, depth=3, hidden=8), seed=1).eval()
+    glow = _trained_like(Glow((7,), depth=3, hidden=8), seed=2)
+    glow.steps[0].actnorm.initialized.fill_(True)  # exercise the ActNorm-folded step too
+    return maf, glow.eval()
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_arena_log_prob_equals_the_autograd_path_and_never_aliases(which):
+    model = _tabular_models()[which]
+    x, x2 = torch.randn(33, 7), torch.randn(33, 7)
+    expected, expected2 = model.log_prob(x).detach(), model.log_prob(x2).detach()
+    with torch.no_grad():
+        first = model.log_prob(x)
+        second = model.log_prob(x2)  # reuses the arena's buffers
+    torch.testing.assert_close(first, expected, rtol=0, atol=0)  # bit for bit, and not overwritten
+    torch.testing.assert_close(second, expected2, rtol=0, atol=0)
+    arenas = model.__dict__["_scratch_arenas"]
+    assert sum(a.nbytes() for a in arenas.values()) > 0
+    for arena in arenas.values():
+        held = {t.data_ptr() for ts in arena._buffers.values() for t in ts}
+        assert first.data_ptr() not in held and second.data_ptr() not in held
+    with torch.inference_mode():  # inference tensors get their own buffers
+        torch.testing.assert_close(model.log_prob(x), expected, rtol=0, atol=0)
+    with torch.no_grad():  # another batch size replaces the buffers
+        torch.testing.assert_close(model.log_prob(x[:5]), expected[:5], rtol=0, atol=0)
+    model.release_scratch()
+    assert "_scratch_arenas" not in model.__dict__
+
+
+def test_arena_nested_passes_of_two_models_do_not_share_buffers():
+    maf, glow = _tabular_models()
+    x = torch.randn(16, 7)
+    expected_maf, expected_glow = maf.log_prob(x).detach(), glow.log_prob(x).detach()
+    original = glow.encode
+
+    def encode_calling_the_other_model(inp):
+        inner = maf.log_prob(inp)  # runs while glow's arena is active
+        torch.testing.assert_close(inner, expected_maf, rtol=0, atol=0)
+        return original(inp)
+
+    glow.encode = encode_calling_the_other_model
+    with torch.no_grad():
+        torch.testing.assert_close(glow.log_prob(x), expected_glow, rtol=0, atol=0)
+        torch.testing.assert_close(glow.log_prob(x), expected_glow, rtol=0, atol=0)
+
+
+def test_arena_is_not_used_for_large_inputs_or_with_gradients(monkeypatch):
+    from flowlib import scratch
+
+    maf, _ = _tabular_models()
+    x = torch.randn(40, 7)
+    monkeypatch.setattr(scratch, "MAX_ELEMENTS", 100)
+    with torch.no_grad():
+        maf.log_prob(x)
+    assert "_scratch_arenas" not in maf.__dict__
+    arena = scratch.Arena()
+    with scratch.using(arena, 4):
+        assert scratch.active() is None  # gradients are on: nothing may be reused
+        with torch.no_grad():
+            assert scratch.active() is arena
+            a, b = scratch.empty((4, 3), x), scratch.empty((4, 3), x)
+            assert a.data_ptr() != b.data_ptr()
+    with scratch.using(arena, 4), torch.no_grad():
+        assert scratch.empty((4, 3), x).data_ptr() == a.data_ptr()  # the next pass reuses them in order

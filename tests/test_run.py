@@ -92,3 +92,55 @@ def test_no_run_json_for_notebooks_without_a_results_folder(tmp_path):
     nbdir.mkdir()
     _notebook(nbdir / "01_a.ipynb", "n = 1", "pass")
     assert run._results_dir([nbdir / "01_a.ipynb"], {nbdir / "01_a.ipynb": {}}) is None
+
+
+def _timed_notebook(path, stamp_dir, sleep, extra=""):
+    _notebook(path, "n = 0", (
+        "import pathlib, time\n"
+        f"d = pathlib.Path(r'{stamp_dir}')\n"
+        f"(d / '{path.stem}.start').write_text(repr(time.time()))\n"
+        f"{extra}"
+        f"time.sleep({sleep})\n"
+        f"(d / '{path.stem}.end').write_text(repr(time.time()))\n"))
+
+
+def test_jobs_run_notebooks_side_by_side_and_the_results_notebook_last(tmp_path):
+    import nbformat
+
+    nbdir, stamps = tmp_path / "nbs", tmp_path / "stamps"
+    nbdir.mkdir()
+    stamps.mkdir()
+    _timed_notebook(nbdir / "01_a.ipynb", stamps, 3)
+    _timed_notebook(nbdir / "02_b.ipynb", stamps, 3)
+    # the last notebook fails unless both others have finished when it starts
+    _timed_notebook(nbdir / "03_results.ipynb", stamps, 0,
+                    extra="assert (d / '01_a.end').exists() and (d / '02_b.end').exists()\n")
+    last = nbformat.read(nbdir / "03_results.ipynb", as_version=4)
+    last.metadata["flowlib"] = {"run_after_others": True}
+    nbformat.write(last, nbdir / "03_results.ipynb")
+    assert run.runs_after_others(nbdir / "03_results.ipynb")
+    assert not run.runs_after_others(nbdir / "01_a.ipynb")
+    out = tmp_path / "runs"
+    assert run.main(["--notebook-dir", str(nbdir), "--output-dir", str(out), "--jobs", "2"]) == 0
+    t = {p.name: float(p.read_text()) for p in stamps.iterdir()}
+    assert t["01_a.start"] < t["02_b.end"] and t["02_b.start"] < t["01_a.end"]  # they overlapped
+    assert t["03_results.start"] >= max(t["01_a.end"], t["02_b.end"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert sorted(s["notebook"] for s in summary) == ["01_a", "02_b", "03_results"]
+    assert summary[-1]["notebook"] == "03_results" and all(s["status"] == "ok" for s in summary)
+
+
+def test_jobs_stop_at_the_first_failure(tmp_path, capsys):
+    nbdir, stamps = tmp_path / "nbs", tmp_path / "stamps"
+    nbdir.mkdir()
+    stamps.mkdir()
+    _notebook(nbdir / "01_bad.ipynb", "n = 1", "raise ValueError('broken on purpose')")
+    _timed_notebook(nbdir / "02_slow.ipynb", stamps, 2)
+    _timed_notebook(nbdir / "03_never.ipynb", stamps, 0)
+    out = tmp_path / "runs"
+    assert run.main(["--notebook-dir", str(nbdir), "--output-dir", str(out), "--jobs", "2"]) == 1
+    assert "01_bad.ipynb failed in cell" in capsys.readouterr().err
+    summary = {s["notebook"]: s["status"] for s in json.loads((out / "summary.json").read_text())}
+    assert summary == {"01_bad": "failed", "02_slow": "ok"}  # the running one finished; nothing new started
+    assert not (stamps / "03_never.start").exists()
+    assert run.main(["--notebook-dir", str(nbdir), "--jobs", "0"]) == 1

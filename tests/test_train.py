@@ -312,3 +312,65 @@ def test_train_or_load_refuses_a_checkpoint_with_another_config(tmp_path):
     train(_maf(), TRAIN, VAL, config.replace(batch_size=32), checkpoint_dir=directory, progress=False)
     with pytest.raises(ValueError, match=r"differing keys: batch_size \(stored 32, given 64\)"):
         train_or_load(config, data_fn=_data_fn([]), checkpoint_root=tmp_path, progress=False)
+
+
+_CONCURRENT_SCRIPT = r"""
+import sys, torch
+import flowlib.train as ft
+
+calls = []
+real_train = ft.train
+def counting_train(*args, **kwargs):
+    calls.append(1)
+    return real_train(*args, **kwargs)
+ft.train = counting_train
+
+def data_fn(name, split):
+    g = torch.Generator().manual_seed(0 if split == "train" else 1)
+    return torch.randn(512 if split == "train" else 128, 3, generator=g)
+
+config = ft.TrainConfig(name="lock-test", arch="maf", model_kwargs={"depth": 2, "hidden": 8},
+                        dataset="toy", steps=300, batch_size=64, eval_every=100, warmup_steps=0)
+model, history = ft.train_or_load(config, data_fn, checkpoint_root=sys.argv[1], progress=False)
+print("TRAINED", len(calls), "SUM", float(sum(p.double().sum() for p in model.parameters())))
+"""
+
+
+def test_concurrent_train_or_load_trains_a_config_once(tmp_path):
+    """Two processes asking for the same configuration at once: one trains, the other waits on the lock and
+    loads the finished checkpoint (``python -m flowlib.run --jobs 2`` relies on it)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "lock_worker.py"  # (not concurrent.py: that would shadow the standard library)
+    script.write_text(_CONCURRENT_SCRIPT)
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "ck")], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in outputs]
+    lines = [next(line for line in out.splitlines() if line.startswith("TRAINED")) for out, _ in outputs]
+    trained = sorted(int(line.split()[1]) for line in lines)
+    assert trained == [0, 1]  # exactly one of the two processes ran the training loop
+    sums = {line.split()[3] for line in lines}
+    assert len(sums) == 1  # and both hold the same weights
+
+
+def test_training_lock_blocks_a_second_holder(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from flowlib.train import training_lock
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time, pathlib\n"
+        "from flowlib.train import training_lock\n"
+        "with training_lock(pathlib.Path(sys.argv[1])):\n"
+        "    print('held', flush=True); time.sleep(1.5)\n"), str(tmp_path / "run")],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    start = time.perf_counter()
+    with training_lock(tmp_path / "run"):
+        waited = time.perf_counter() - start
+    holder.wait(timeout=60)
+    assert waited > 0.5
