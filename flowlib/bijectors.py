@@ -577,17 +577,21 @@ class _AffineAutoregressiveFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_u, grad_logdet):
         ds, scale, u = ctx.saved_tensors
-        n, d = u.shape
-        grad_x = grad_u * scale[:, :d]
+        d = u.shape[1]
         # dL/dr' = -(grad_u * u + grad_logdet) * dalpha/dr',  dalpha/dr' = 2 clamp s (1 - s)
         if scale.shape[1] == d:
+            grad_x = grad_u * scale
             grad_r = torch.addcmul(grad_logdet.unsqueeze(1), grad_u, u)
             return grad_x, grad_x, grad_r.mul_(ds).mul_(-2.0 * ctx.clamp), None
-        # padded heads: their extra columns enter the log-det only
+        # padded heads: their extra columns enter the log-det only. x's gradient is a view of -mu's, which is
+        # zero in the extra columns: one (N, D) buffer less than padding a copy.
+        grad_mu = torch.empty_like(ds)
+        grad_x = torch.mul(grad_u, scale[:, :d], out=grad_mu[:, :d])
+        grad_mu[:, d:] = 0.0
         grad_r = torch.empty_like(ds)
         grad_r[:, d:] = grad_logdet.unsqueeze(1)
         torch.addcmul(grad_logdet.unsqueeze(1), grad_u, u, out=grad_r[:, :d])
-        return grad_x, F.pad(grad_x, (0, ds.shape[1] - d)), grad_r.mul_(ds).mul_(-2.0 * ctx.clamp), None
+        return grad_x, grad_mu, grad_r.mul_(ds).mul_(-2.0 * ctx.clamp), None
 
 
 class MaskedAffineAutoregressive(nn.Module):

@@ -106,7 +106,7 @@ def test_made_skips_only_unused_inputs(features, hidden):
 @pytest.mark.parametrize("features", [5, 63])  # 63: heads padded to 64 columns
 def test_masked_affine_autoregressive_matches_eq10(grad, features):
     layer = _trained_like(MaskedAffineAutoregressive(features, hidden=8, clamp=2.0).double())
-    x = _randn(11, features)
+    x = _randn(11, features, requires_grad=grad)  # the fused training node returns x's gradient too
     h = _made_reference(layer.made, x)
     alpha = 2.0 * torch.tanh(h[:, 1] / 2.0)
     expected_u, expected_ld = (x - h[:, 0]) * torch.exp(-alpha), -alpha.sum(1)
@@ -118,7 +118,7 @@ def test_masked_affine_autoregressive_matches_eq10(grad, features):
             torch.testing.assert_close(u, expected_u, rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(ld, expected_ld, rtol=1e-12, atol=1e-12)
             if grad:  # the fused backward against autograd through the reference formula
-                params = list(layer.parameters())
+                params = [x, *layer.parameters()]
                 got = torch.autograd.grad((u * weights).sum() + ld.sum(), params, retain_graph=True)
                 want = torch.autograd.grad((expected_u * weights).sum() + expected_ld.sum(), params,
                                            retain_graph=True)
