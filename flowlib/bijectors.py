@@ -63,10 +63,10 @@ def _check_features(x: torch.Tensor, features: int, name: str) -> None:
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear``; during an evaluation pass its output goes into an arena buffer (:mod:`flowlib.scratch`)
     instead of new memory. The same ``addmm``, so the values are identical."""
-    arena = scratch.active()
-    if arena is None or x.dim() != 2 or bias is None:
+    out = scratch.out((x.shape[0], weight.shape[0]), x) if x.dim() == 2 and bias is not None else None
+    if out is None:
         return F.linear(x, weight, bias)
-    return torch.addmm(bias, x, weight.T, out=arena.take((x.shape[0], weight.shape[0]), x))
+    return torch.addmm(bias, x, weight.T, out=out)
 
 
 def _pixels(x: torch.Tensor) -> int:
@@ -303,9 +303,8 @@ class AffineCoupling(nn.Module):
             y_b, logdet = _AffineCouplingFn.apply(x_b, shift, raw, 2.0)
         else:  # evaluation: the same operations, in place in the conditioner's fresh outputs
             y_b, logdet = _AffineCouplingFn.compute(x_b, shift, raw, 2.0, in_place=True)[:2]
-            arena = scratch.active()
-            if arena is not None and x.dim() == 2:
-                return torch.cat([x_a, y_b], dim=1, out=arena.take(x.shape, x)), logdet
+            if x.dim() == 2:
+                return torch.cat([x_a, y_b], dim=1, out=scratch.out(x.shape, x)), logdet
         return torch.cat([x_a, y_b], dim=1), logdet
 
     def inverse(self, y):
@@ -626,9 +625,7 @@ class MaskedAffineAutoregressive(nn.Module):
         d = x.shape[1]
         if neg_mu.shape[1] == d:
             return torch.add(x, neg_mu, out=neg_mu).mul_(scale), logdet
-        arena = scratch.active()
-        u = torch.add(x, neg_mu[:, :d], out=None if arena is None else arena.take(x.shape, x))
-        return u.mul_(scale[:, :d]), logdet
+        return torch.add(x, neg_mu[:, :d], out=scratch.out(x.shape, x)).mul_(scale[:, :d]), logdet
 
     def inverse(self, u):
         """Decode one feature at a time. Output ``i`` of MADE sees only inputs ``< i``, so rather than running
@@ -722,11 +719,7 @@ class BatchNormFlow(nn.Module):
         log_scale = order(self.log_gamma - 0.5 * torch.log(self.running_var + self.eps))
         scale = torch.exp(log_scale)
         shift = order(self.beta) - order(self.running_mean) * scale
-        arena = scratch.active()
-        if arena is not None:
-            y = torch.addcmul(shift, x, scale, out=arena.take(x.shape, x))
-            return y, log_scale.sum().expand(x.shape[0])
-        y = torch.addcmul(shift, x, scale)  # one pass over x
+        y = torch.addcmul(shift, x, scale, out=scratch.out(x.shape, x))  # one pass over x
         return y, log_scale.sum().expand(x.shape[0])
 
     def inverse(self, y):

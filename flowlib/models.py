@@ -19,6 +19,7 @@ same randomness at every level (SKD, Eq. 14).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from dataclasses import dataclass
@@ -96,12 +97,12 @@ class Flow(nn.Module):
         with the model's scratch arena: the intermediates of one call are reused by the next (see
         :mod:`flowlib.scratch`; :meth:`release_scratch` frees them). The result is always a new tensor.
         """
-        if torch.is_grad_enabled() or x.dim() != 2 or x.numel() > scratch.MAX_ELEMENTS:
-            enc = self.encode(x)
-            return standard_normal_logprob(enc.z) + enc.logdet
-        arenas = self.__dict__.setdefault("_scratch_arenas", {})  # thread id -> Arena
-        arena = arenas.setdefault(threading.get_ident(), scratch.Arena())
-        with scratch.using(arena, x.shape[0]):
+        pass_context = contextlib.nullcontext()
+        if not torch.is_grad_enabled() and x.dim() == 2 and x.numel() <= scratch.MAX_ELEMENTS:
+            arenas = self.__dict__.setdefault("_scratch_arenas", {})  # thread id -> Arena
+            arena = arenas.setdefault(threading.get_ident(), scratch.Arena())
+            pass_context = scratch.using(arena, x.shape[0])
+        with pass_context:
             enc = self.encode(x)
             return standard_normal_logprob(enc.z) + enc.logdet
 
@@ -161,8 +162,8 @@ def standard_normal_logprob(z: list[torch.Tensor]) -> torch.Tensor:
     total = 0.0
     for t in z:
         flat = t.reshape(t.shape[0], -1)
-        arena = scratch.active()
-        sq = flat.square() if arena is None else torch.mul(flat, flat, out=arena.take(flat.shape, flat))
+        buffer = scratch.out(flat.shape, flat)
+        sq = flat.square() if buffer is None else torch.mul(flat, flat, out=buffer)
         total = total - 0.5 * (sq.sum(dim=1) + flat.shape[1] * _LOG_2PI)
     return total
 
@@ -193,9 +194,7 @@ class FlowStep(nn.Module):
         if x.dim() == 4:
             x = F.conv2d(x, w_a.view(*w_a.shape, 1, 1), bias)
         else:
-            arena = scratch.active()
-            out = None if arena is None else arena.take(x.shape, x)
-            x = torch.addmm(bias, x, w_a.T, out=out)
+            x = torch.addmm(bias, x, w_a.T, out=scratch.out(x.shape, x))
         pixels = x[0, 0].numel() if x.dim() == 4 else 1
         y, ld = self.coupling(x)
         return y, ld + (self.mix.log_s.sum() - self.actnorm.log_scale.sum()) * pixels  # Eq. 6 and 9 log-dets

@@ -4,11 +4,12 @@ A tabular ``log_prob`` at batch 8192 makes about six fresh (N, D) or (N, hidden)
 the CPU, fresh buffers of a few megabytes come from newly mapped memory, and the page faults of touching
 them cost about as much as the arithmetic itself (measured in ``benchmarks/README.md``). Without
 gradients, nothing outside the pass keeps those intermediates, so :meth:`flowlib.models.Flow.log_prob`
-runs the pass inside :func:`using` one :class:`Arena` per model, and the layers take their outputs from it
-with :func:`empty`: the second and later calls at the same batch size reuse the same memory.
+runs the pass inside :func:`using` one :class:`Arena` per model, and the layers pass ``out=`` :func:`out`
+to the operation making each intermediate: the second and later calls at the same batch size reuse the same
+memory.
 
 Only intermediates go into the arena; whatever a call returns is a fresh tensor. With gradients enabled,
-or outside :func:`using`, :func:`empty` is plain ``torch.empty``.
+or outside :func:`using`, :func:`out` is ``None``, so the operation allocates as usual.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import threading
 
 import torch
 
-__all__ = ["Arena", "MAX_ELEMENTS", "active", "empty", "using"]
+__all__ = ["Arena", "MAX_ELEMENTS", "active", "out", "using"]
 
 # Inputs larger than this (elements) are evaluated without an arena: the arena keeps one pass's
 # intermediates alive between calls (roughly 20 tensors the size of the input for a 5-step flow).
@@ -66,13 +67,11 @@ def active() -> Arena | None:
     return getattr(_state, "arena", None)
 
 
-def empty(shape, like: torch.Tensor) -> torch.Tensor:
-    """An uninitialised tensor of ``shape`` like ``like``: from the active arena during an evaluation pass,
-    else new."""
+def out(shape, like: torch.Tensor) -> torch.Tensor | None:
+    """The ``out=`` buffer for an intermediate of ``shape`` like ``like``: the active arena's next one during
+    an evaluation pass, else ``None`` (the operation allocates its result)."""
     arena = active()
-    if arena is None:
-        return torch.empty(shape, dtype=like.dtype, device=like.device)
-    return arena.take(shape, like)
+    return None if arena is None else arena.take(shape, like)
 
 
 @contextlib.contextmanager

@@ -322,7 +322,8 @@ def test_arena_is_not_used_for_large_inputs_or_with_gradients(monkeypatch):
         assert scratch.active() is None  # gradients are on: nothing may be reused
         with torch.no_grad():
             assert scratch.active() is arena
-            a, b = scratch.empty((4, 3), x), scratch.empty((4, 3), x)
+            a, b = scratch.out((4, 3), x), scratch.out((4, 3), x)
             assert a.data_ptr() != b.data_ptr()
     with scratch.using(arena, 4), torch.no_grad():
-        assert scratch.empty((4, 3), x).data_ptr() == a.data_ptr()  # the next pass reuses them in order
+        assert scratch.out((4, 3), x).data_ptr() == a.data_ptr()  # the next pass reuses them in order
+    assert scratch.out((4, 3), x) is None  # outside a pass the operation allocates its own result
