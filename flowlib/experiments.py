@@ -179,10 +179,12 @@ def evaluate_runs(arch: str, dataset: str, methods, seeds, *, fast: bool = False
 @dataclass(frozen=True)
 class Variant:
     """A student run that departs from the defaults, for ablations: the method, Eq. 15's weights, and
-    multipliers of the default step count and learning rate."""
+    multipliers of the default step count and learning rate, and how the distillation weights evolve
+    (:meth:`flowlib.train.TrainConfig.lambdas_at`)."""
 
     method: str = "ilkd"
     lambdas: tuple | None = None
+    lambda_schedule: str = "constant"
     steps_factor: float = 1.0
     lr_factor: float = 1.0
     distance: str = "l1"
@@ -196,7 +198,8 @@ def variant_config(arch: str, dataset: str, variant: Variant, *, fast: bool = Fa
     base = student_config(arch, dataset, variant.method, fast=fast, seed=seed, teacher_seed=teacher_seed,
                           device=device, lambdas=variant.lambdas)
     return dataclasses.replace(base, steps=max(1, round(base.steps * variant.steps_factor)),
-                               lr=base.lr * variant.lr_factor, distance=variant.distance)
+                               lr=base.lr * variant.lr_factor, distance=variant.distance,
+                               lambda_schedule=variant.lambda_schedule)
 
 
 def evaluate_variants(arch: str, dataset: str, variants: dict, seeds, *, fast: bool = False,
@@ -217,6 +220,7 @@ def evaluate_variants(arch: str, dataset: str, variants: dict, seeds, *, fast: b
             rows.append({"arch": arch, "dataset": dataset, "model": name, "seed": seed,
                          "params_k": parameter_count_k(student), "train_seconds": history[-1]["time"],
                          "steps": config.steps, "lr": config.lr, "lambdas": list(config.lambdas or ()),
+                         "lambda_schedule": config.lambda_schedule,
                          **_test_metric(student, dataset, seed)})
     return rows
 

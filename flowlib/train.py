@@ -53,6 +53,10 @@ __all__ = [
 CHECKPOINT_VERSION = 1
 # Keys that do not change what is computed and are left out of the hash and the config comparison.
 _NON_IDENTITY_KEYS = ("device",)
+# Fields added after checkpoints of earlier versions existed: they enter a config's identity (its hash, the
+# stored-config check) only when not at this default, so older checkpoints keep their names.
+_ADDED_FIELDS = {"lambda_schedule": "constant"}
+LAMBDA_SCHEDULES = ("constant", "decay")
 
 
 class TrainingDiverged(RuntimeError):
@@ -74,11 +78,14 @@ class TrainConfig:
     ``arch`` / ``model_kwargs``: :func:`flowlib.models.build_model` arguments (the shape comes from the
     data). ``dataset``: the name given to ``data_fn(name, split)``. ``method``: ``"nll"`` (teachers and
     plain students), ``"lkd"``, ``"ilkd"`` or ``"skd"`` (:data:`flowlib.distill.PRESETS`); ``lambdas``
-    overrides the preset's Eq. 15 weights. ``teacher``: the teacher's own :class:`TrainConfig` (needed
-    by :func:`train_or_load` for distilled methods). ``preprocess`` (``"glow"`` or ``"logit"``) and
+    overrides the preset's Eq. 15 weights; ``lambda_schedule="decay"`` lowers the distillation weights
+    ``l1, l2`` linearly from their value at the first step towards 0 at the last (:meth:`lambdas_at`).
+    ``teacher``: the teacher's own :class:`TrainConfig` (needed by :func:`train_or_load` for distilled
+    methods). ``preprocess`` (``"glow"`` or ``"logit"``) and
     ``bins`` apply to integer (image) data, dequantised per batch. ``lr``: the paper uses 5e-5 with
     batches of 65,536; ``weight_decay`` is AdamW's default (the paper states none); ``grad_clip`` 30 as in
-    the official code (``None`` disables it). ``device`` does not enter the hash.
+    the official code (``None`` disables it). ``device`` does not enter the hash, nor does a field added
+    later (``lambda_schedule``) while it keeps its default, so older checkpoints keep their names.
     """
 
     name: str = "model"
@@ -97,6 +104,7 @@ class TrainConfig:
     device: str = "cpu"
     method: str = "nll"
     lambdas: tuple | None = None
+    lambda_schedule: str = "constant"
     distance: str = "l1"
     temperature: float = 0.7
     skd_samples: int | None = None
@@ -116,6 +124,9 @@ class TrainConfig:
             self.pairs = tuple(tuple(int(i) for i in p) for p in self.pairs)
         self.model_kwargs = dict(self.model_kwargs)
         resolve_method(self.method)
+        if self.lambda_schedule not in LAMBDA_SCHEDULES:
+            raise ValueError(f"unknown lambda_schedule {self.lambda_schedule!r}; choose one of "
+                             f"{', '.join(LAMBDA_SCHEDULES)}")
         if self.distance not in DISTANCES:
             raise ValueError(f"unknown distance {self.distance!r}; choose one of {', '.join(DISTANCES)}")
         if self.preprocess not in ("glow", "logit"):
@@ -132,6 +143,17 @@ class TrainConfig:
         """True when the loss uses a teacher (a non-zero l1 or l2 weight)."""
         lam = self.lambdas if self.lambdas is not None else PRESETS[resolve_method(self.method)].lambdas
         return lam[1] != 0 or lam[2] != 0
+
+    def lambdas_at(self, step: int) -> tuple[float, float, float]:
+        """Eq. 15's weights ``(l0, l1, l2)`` at training step ``step`` (1-based). ``"constant"``: the preset's
+        (or ``lambdas``) throughout. ``"decay"``: ``l1`` and ``l2`` times ``1 - (step - 1) / steps``, so the
+        teacher's signal is strongest at the start and the last steps are (almost) NLL alone; ``l0`` stays."""
+        preset = PRESETS[resolve_method(self.method)].lambdas
+        l0, l1, l2 = self.lambdas if self.lambdas is not None else preset
+        if self.lambda_schedule == "decay":
+            f = 1.0 - (step - 1) / self.steps
+            l1, l2 = l1 * f, l2 * f
+        return (l0, l1, l2)
 
     def to_dict(self) -> dict:
         """Plain nested dict (the teacher config included)."""
@@ -152,7 +174,8 @@ class TrainConfig:
 
 
 def _identity_dict(d: dict) -> dict:
-    out = {k: v for k, v in d.items() if k not in _NON_IDENTITY_KEYS}
+    out = {k: v for k, v in d.items()
+           if k not in _NON_IDENTITY_KEYS and not (k in _ADDED_FIELDS and v == _ADDED_FIELDS[k])}
     if isinstance(out.get("teacher"), dict):
         out["teacher"] = _identity_dict(out["teacher"])
     return out
@@ -442,7 +465,7 @@ def train(model: nn.Module, train_data, val_data, config: TrainConfig, teacher: 
             for group in optimizer.param_groups:
                 group["lr"] = lr
             out = distillation_loss(
-                teacher if distilled else None, model, y, method=method, lambdas=config.lambdas,
+                teacher if distilled else None, model, y, method=method, lambdas=config.lambdas_at(step),
                 pairs=config.pairs, distance=config.distance, temperature=config.temperature,
                 n_samples=config.skd_samples, generator=generator,
             )

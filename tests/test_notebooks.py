@@ -208,6 +208,12 @@ def test_10_distillation_ablations(fast_run):
     lr_rows = [row for row in r["rows"] if row["model"].startswith("plain, lr")]
     steps_rows = [row for row in r["rows"] if row["model"].startswith("plain, ") and "steps" in row["model"]]
     assert lr_rows and steps_rows and steps_rows[0]["steps"] == 2 * 40  # fast mode trains 40 steps
+    decaying = [row for row in r["rows"] if "decaying" in row["model"]]
+    assert decaying and all(row["lambda_schedule"] == "decay" for row in decaying)
+    # a variant trained differently is judged against the plain student trained the same way
+    matched = {v["variant"]: v.get("matched_plain") for v in r["verdicts"]}
+    assert matched["ILKD, lr x0.5"] == "plain, lr x0.5" and matched["ILKD Student"] == "Student"
+    assert matched["plain, lr x0.5"] is None
     assert all(isinstance(v["beyond_spread"], bool) for v in r["verdicts"])
 
 

@@ -64,6 +64,7 @@ def _bytes(path):
 def test_config_hash_is_stable_and_ignores_device_only():
     d = BASE.to_dict()
     del d["device"]
+    del d["lambda_schedule"]  # added later: hashed only when it is not its default (see the next test)
     canonical = json.dumps(d, sort_keys=True, separators=(",", ":"))
     assert config_hash(BASE) == hashlib.sha256(canonical.encode()).hexdigest()[:10]
     assert config_hash(BASE.replace(device="cuda")) == config_hash(BASE)
@@ -81,6 +82,39 @@ def test_config_hash_is_stable_and_ignores_device_only():
     with pytest.raises(ValueError, match="unknown distillation method 'foo'"):
         BASE.replace(method="foo")
     assert not BASE.distilled and student.distilled
+
+
+def test_a_field_added_later_keeps_older_checkpoint_names_until_it_is_used():
+    # a config stored before lambda_schedule existed has no such key; it must hash and compare as before
+    old = BASE.to_dict()
+    del old["lambda_schedule"]
+    assert config_hash(old) == config_hash(BASE) and config_diff(old, BASE) == []
+    decaying = BASE.replace(lambda_schedule="decay")
+    assert config_hash(decaying) != config_hash(BASE)
+    assert config_diff(old, decaying) == ["lambda_schedule"]
+    with pytest.raises(ValueError, match="unknown lambda_schedule 'cosine'"):
+        BASE.replace(lambda_schedule="cosine")
+
+
+def test_lambdas_at_decays_the_distillation_weights_linearly():
+    cfg = BASE.replace(method="skd", teacher=BASE, steps=4)
+    assert [cfg.lambdas_at(s) for s in (1, 4)] == [(0.85, 0.075, 0.075)] * 2
+    decay = cfg.replace(lambda_schedule="decay", lambdas=(0.9, 0.2, 0.4))
+    got = [w for s in (1, 2, 3, 4) for w in decay.lambdas_at(s)]
+    assert got == pytest.approx([0.9, 0.2, 0.4, 0.9, 0.15, 0.3, 0.9, 0.1, 0.2, 0.9, 0.05, 0.1])
+
+
+def test_training_applies_the_scheduled_weights_at_every_step():
+    teacher = _maf(seed=3)
+    freeze(teacher)
+    cfg = BASE.replace(name="s", method="ilkd", teacher=BASE, lambdas=(0.9, 0.5, 0.0),
+                       lambda_schedule="decay", steps=5, eval_every=5)
+    history = train(_maf(), TRAIN, VAL, cfg, teacher=teacher, progress=False)
+    for row in history:
+        factor = 1 - (row["step"] - 1) / cfg.steps
+        expected = 0.9 * row["terms"]["nll"] + 0.5 * factor * row["terms"]["ilkd"]
+        assert row["loss"] == pytest.approx(expected, rel=1e-6)
+    assert history[0]["terms"]["ilkd"] > 0
 
 
 def test_resolve_device(monkeypatch):
