@@ -578,19 +578,20 @@ class _AffineAutoregressiveFn(torch.autograd.Function):
         ds, scale, u = ctx.saved_tensors
         d = u.shape[1]
         # dL/dr' = -(grad_u * u + grad_logdet) * dalpha/dr',  dalpha/dr' = 2 clamp s (1 - s)
+        k = -2.0 * ctx.clamp  # folded into the first pass: (k grad_logdet) + k (grad_u u), then times ds
+        row = grad_logdet.unsqueeze(1) * k
         if scale.shape[1] == d:
             grad_x = grad_u * scale
-            grad_r = torch.addcmul(grad_logdet.unsqueeze(1), grad_u, u)
-            return grad_x, grad_x, grad_r.mul_(ds).mul_(-2.0 * ctx.clamp), None
+            return grad_x, grad_x, torch.addcmul(row, grad_u, u, value=k).mul_(ds), None
         # padded heads: their extra columns enter the log-det only. x's gradient is a view of -mu's, which is
         # zero in the extra columns: one (N, D) buffer less than padding a copy.
         grad_mu = torch.empty_like(ds)
         grad_x = torch.mul(grad_u, scale[:, :d], out=grad_mu[:, :d])
         grad_mu[:, d:] = 0.0
         grad_r = torch.empty_like(ds)
-        grad_r[:, d:] = grad_logdet.unsqueeze(1)
-        torch.addcmul(grad_logdet.unsqueeze(1), grad_u, u, out=grad_r[:, :d])
-        return grad_x, grad_mu, grad_r.mul_(ds).mul_(-2.0 * ctx.clamp), None
+        grad_r[:, d:] = row
+        torch.addcmul(row, grad_u, u, value=k, out=grad_r[:, :d])
+        return grad_x, grad_mu, grad_r.mul_(ds), None
 
 
 class MaskedAffineAutoregressive(nn.Module):
@@ -682,8 +683,10 @@ class _BatchNormFn(torch.autograd.Function):
         grad_beta = grad_y.sum(0)
         grad_log_scale = (grad_y * centered).sum(0) * scale + grad_logdet
         grad_var = grad_log_scale * (-0.5 / (var + ctx.eps))
-        grad_x = torch.mul(grad_y, scale).addcmul_(centered, grad_var * (2.0 / n))  # dL/d(centered)
-        grad_x.sub_(grad_x.mean(0))
+        # dL/dx = g - mean(g) with g = dL/d(centered) = grad_y scale + centered grad_var 2 / n. The batch
+        # mean of centered is 0, so mean(g) = scale mean(grad_y) = scale grad_beta / n: no pass over g for it.
+        grad_x = torch.addcmul(grad_beta * scale * (-1.0 / n), grad_y, scale)
+        grad_x.addcmul_(centered, grad_var * (2.0 / n))
         return grad_x, grad_log_scale, grad_beta, None
 
 
