@@ -225,6 +225,8 @@ class _Manifest:
 
     Rewritten after every notebook, so an interrupted run still says how far it got. Entries are kept per
     notebook: running ``--only 08`` later replaces notebook 08's entry and leaves the others as they were.
+    ``invocations`` keeps every invocation that wrote to the folder (command, commit, start, wall time and the
+    notebooks it ran), oldest first, so a full run's wall clock is not lost when one notebook is re-run.
     """
 
     def __init__(self, results_dir: Path, output_dir: Path, argv: list[str]):
@@ -247,14 +249,14 @@ class _Manifest:
                                            **self.invocation}
         self.write()
 
-    def _on_disk(self) -> dict:
+    def _on_disk(self, key: str = "notebooks", kind: type = dict):
         import json
 
         try:
-            found = json.loads(self.path.read_text()).get("notebooks", {})
-        except (OSError, ValueError):
-            return {}
-        return found if isinstance(found, dict) else {}
+            found = json.loads(self.path.read_text()).get(key, kind())
+        except (OSError, ValueError, AttributeError):
+            return kind()
+        return found if isinstance(found, kind) else kind()
 
     def finish(self, seconds: float) -> None:
         self.invocation["wall_seconds"] = round(seconds, 1)
@@ -270,8 +272,13 @@ class _Manifest:
             pass
         # merge with what is on disk now: another invocation (--only 09 in parallel) may have written since
         notebooks = {**self._on_disk(), **self.ran}
+        this = {**self.invocation, "notebooks": sorted(self.ran)}
+        history = [inv for inv in self._on_disk("invocations", list)
+                   if not (isinstance(inv, dict) and inv.get("started") == this["started"]
+                           and inv.get("command") == this["command"])]
         record = {"last_invocation": self.invocation, "machine": self.machine, "notebooks": notebooks,
-                  "notebook_seconds_total": round(sum(n["seconds"] for n in notebooks.values()), 1)}
+                  "notebook_seconds_total": round(sum(n["seconds"] for n in notebooks.values()), 1),
+                  "invocations": [*history, this]}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.path, record)
 

@@ -85,6 +85,11 @@ def test_run_json_records_every_notebook_and_merges_later_runs(tmp_path):
     second = json.loads((results / "run.json").read_text())
     assert second["notebooks"]["01_a"] == first["notebooks"]["01_a"]
     assert second["notebooks"]["02_b"]["command"] != first["notebooks"]["02_b"]["command"]
+    # both invocations stay on record, oldest first, each with the notebooks it ran and its wall clock
+    runs = second["invocations"]
+    assert [r["notebooks"] for r in runs] == [["01_a", "02_b"], ["02_b"]]
+    assert runs[0]["wall_seconds"] == first["last_invocation"]["wall_seconds"]
+    assert "--only 02" in runs[1]["command"] and runs[1]["wall_seconds"] > 0
 
 
 def test_no_run_json_for_notebooks_without_a_results_folder(tmp_path):
