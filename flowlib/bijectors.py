@@ -44,6 +44,22 @@ _LOG2_E = 1.0 / math.log(2.0)
 _LN_2 = math.log(2.0)
 
 
+def _cached_without_grad(module: nn.Module, key, tensors, make):
+    """``make()``, kept on ``module`` and reused while gradients are off (evaluation, sampling) until one of
+    ``tensors`` changes: an optimizer step or a checkpoint load bumps its version, a move to another device
+    or dtype gives it new storage. With gradients on, always a fresh ``make()`` (autograd must see it).
+    For the small weight-derived tensors (masked, scaled, flipped, padded weights; ``W^-1``) whose dozens of
+    tiny ops per call cost more than the arithmetic at small batches."""
+    if torch.is_grad_enabled() or tensors[0].device.type == "meta":
+        return make()
+    stamp = tuple((t._version, t.data_ptr(), t.dtype) for t in tensors)
+    cache = module.__dict__.setdefault("_no_grad_cache", {})  # key -> (stamp, value)
+    hit = cache.get(key)
+    if hit is None or hit[0] != stamp:
+        hit = cache[key] = (stamp, make())
+    return hit[1]
+
+
 def _sum_except_batch(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1).sum(dim=1)
 
@@ -163,15 +179,11 @@ class InvertibleLinear(nn.Module):
     def _matrix(self, inverse: bool) -> torch.Tensor:
         """``W`` or ``W^-1``. Without gradients (evaluation, sampling) both are cached until a parameter
         changes (an optimizer step or a checkpoint load bumps its version) or moves to another device."""
-        if torch.is_grad_enabled() or self.lower.device.type == "meta":
+        def make():
             w = self.weight()
             return torch.linalg.inv(w) if inverse else w
-        key = tuple((p._version, p.data_ptr(), p.dtype) for p in (self.lower, self.upper, self.log_s))
-        cache = self.__dict__.setdefault("_matrix_cache", {})  # inverse -> (key, matrix)
-        if inverse not in cache or cache[inverse][0] != key:
-            w = self.weight()
-            cache[inverse] = (key, torch.linalg.inv(w) if inverse else w)
-        return cache[inverse][1]
+
+        return _cached_without_grad(self, ("matrix", inverse), (self.lower, self.upper, self.log_s), make)
 
     @staticmethod
     def _mix(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -456,7 +468,11 @@ class _MaskedLinear(nn.Linear):
 
     def masked_weight(self) -> torch.Tensor:
         k = self.used_inputs
-        return self.weight[:, :k] * self.mask[:, :k]
+        return _cached_without_grad(self, "masked", (self.weight,),
+                                    lambda: self.weight[:, :k] * self.mask[:, :k])
+
+    def _prepared(self, key, make):
+        return _cached_without_grad(self, key, (self.weight, self.bias), make)
 
     def forward(self, x):
         return _linear(x[:, : self.used_inputs], self.masked_weight(), self.bias)
@@ -468,18 +484,23 @@ class _MaskedLinear(nn.Linear):
         reverse order with ``reverse_out``). Slicing one (N, out) result would leave strided views, and
         elementwise kernels on those run several times slower. ``width`` > out / chunks pads every group
         with units whose weights and bias are 0 (so they output exactly 0)."""
-        weights, biases = self.masked_weight().chunk(chunks, 0), self.bias.chunk(chunks)
-        if reverse_out:
-            weights, biases = [w.flip(0) for w in weights], [b.flip(0) for b in biases]
-        extra = 0 if width is None else width - weights[0].shape[0]
-        if extra > 0:
-            weights = [F.pad(w, (0, 0, 0, extra)) for w in weights]
-            biases = [F.pad(b, (0, extra)) for b in biases]
+        def make():
+            weights, biases = self.masked_weight().chunk(chunks, 0), self.bias.chunk(chunks)
+            if reverse_out:
+                weights, biases = [w.flip(0) for w in weights], [b.flip(0) for b in biases]
+            extra = 0 if width is None else width - weights[0].shape[0]
+            if extra > 0:
+                weights = [F.pad(w, (0, 0, 0, extra)) for w in weights]
+                biases = [F.pad(b, (0, extra)) for b in biases]
+            if scales is not None:
+                weights = [w * c if c != 1 else w for w, c in zip(weights, scales)]
+                biases = [b * c if c != 1 else b for b, c in zip(biases, scales)]
+            return weights, biases
+
+        scale_key = None if scales is None else tuple(float(c) for c in scales)
+        weights, biases = self._prepared(("chunks", chunks, scale_key, reverse_out, width), make)
         x = x[:, : self.used_inputs]
-        if scales is None:
-            return [_linear(x, w, b) for w, b in zip(weights, biases)]
-        return [_linear(x, w * c, b * c) if c != 1 else _linear(x, w, b)
-                for w, b, c in zip(weights, biases, scales)]
+        return [_linear(x, w, b) for w, b in zip(weights, biases)]
 
 
 class MADE(nn.Module):
@@ -536,7 +557,8 @@ class MADE(nn.Module):
         first = self.net[0]
         if reversed_features:
             k = first.used_inputs
-            h = _linear(x[:, self.features - k:], first.masked_weight().flip(1), first.bias)
+            w_flipped = first._prepared("flipped", lambda: first.masked_weight().flip(1))
+            h = _linear(x[:, self.features - k:], w_flipped, first.bias)
         else:
             h = first(x)
         for layer in self.net[1:-1]:
@@ -719,11 +741,15 @@ class BatchNormFlow(nn.Module):
                 self.running_mean.lerp_(order(mean).to(self.running_mean.dtype), self.momentum)
                 self.running_var.lerp_(order(var).to(self.running_var.dtype), self.momentum)
             return y, logdet.expand(x.shape[0])
-        log_scale = order(self.log_gamma - 0.5 * torch.log(self.running_var + self.eps))
-        scale = torch.exp(log_scale)
-        shift = order(self.beta) - order(self.running_mean) * scale
+        def make():
+            log_scale = order(self.log_gamma - 0.5 * torch.log(self.running_var + self.eps))
+            scale = torch.exp(log_scale)
+            return scale, order(self.beta) - order(self.running_mean) * scale, log_scale.sum()
+
+        state = (self.log_gamma, self.beta, self.running_mean, self.running_var)
+        scale, shift, logdet = _cached_without_grad(self, ("affine", reversed_features), state, make)
         y = torch.addcmul(shift, x, scale, out=scratch.out(x.shape, x))  # one pass over x
-        return y, log_scale.sum().expand(x.shape[0])
+        return y, logdet.expand(x.shape[0])
 
     def inverse(self, y):
         _check_features(y, self.features, "BatchNormFlow")

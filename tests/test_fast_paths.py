@@ -236,6 +236,52 @@ def test_lu_matrix_cache_follows_parameter_updates():
     torch.testing.assert_close(x2, x, rtol=1e-10, atol=1e-10)
 
 
+def _maf_with_batch_statistics(seed: int = 0) -> MAF:
+    model = _trained_like(MAF(5, depth=3, hidden=8).double(), seed)
+    model.train()
+    with torch.no_grad():
+        model.log_prob(_randn(64, 5, seed=seed + 1) * 2 + 1)  # running mean / variance away from 0 / 1
+    return model.eval()
+
+
+def test_weights_cached_without_gradients_follow_every_change():
+    # MADE's masked / scaled / flipped / padded weights and batch norm's eval affine map are computed once
+    # while gradients are off; an optimizer step, new running statistics and a checkpoint load must all show
+    model, x = _maf_with_batch_statistics(), _randn(7, 5, seed=3)
+
+    def fresh():  # with gradients on, nothing comes from the cache
+        return model.log_prob(x).detach()
+
+    with torch.inference_mode():
+        first = model.log_prob(x)
+    with torch.no_grad():  # reused outside inference mode: same values
+        torch.testing.assert_close(model.log_prob(x), first, rtol=0, atol=0)
+    torch.testing.assert_close(first, fresh(), rtol=0, atol=0)
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    model.log_prob(x).mean().backward()
+    opt.step()
+    with torch.no_grad():
+        after_step = model.log_prob(x)
+    torch.testing.assert_close(after_step, fresh(), rtol=0, atol=0)
+    assert not torch.allclose(after_step, first)
+
+    model.train()
+    with torch.no_grad():
+        model.log_prob(_randn(64, 5, seed=9) * 3 - 2)  # only the running statistics change
+    model.eval()
+    with torch.no_grad():
+        after_stats = model.log_prob(x)
+    torch.testing.assert_close(after_stats, fresh(), rtol=0, atol=0)
+    assert not torch.allclose(after_stats, after_step)
+
+    model.load_state_dict(_maf_with_batch_statistics(seed=5).state_dict())
+    with torch.no_grad():
+        after_load = model.log_prob(x)
+    torch.testing.assert_close(after_load, fresh(), rtol=0, atol=0)
+    torch.testing.assert_close(model.decode(model.encode(x).z), x, rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("image", [False, True])
 def test_glow_step_with_actnorm_folded_into_the_mixing_matrix(image):
     from flowlib.models import FlowStep
