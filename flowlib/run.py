@@ -329,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         results_dir = _results_dir(notebooks, params)
         given = sys.argv[1:] if argv is None else list(argv)
         manifest = _Manifest(results_dir, output_dir, given) if results_dir else None
+        if manifest:
+            manifest.write()  # on record before the first notebook, which may read it (notebook 11 does)
         start = time.perf_counter()
         try:
             run(notebooks, params, output_dir, kernel=args.kernel,

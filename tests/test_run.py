@@ -92,6 +92,22 @@ def test_run_json_records_every_notebook_and_merges_later_runs(tmp_path):
     assert "--only 02" in runs[1]["command"] and runs[1]["wall_seconds"] > 0
 
 
+def test_run_json_names_the_running_invocation_before_its_first_notebook(tmp_path):
+    # a notebook that reads run.json (the results notebook) must find the invocation that is running it
+    nbdir, results = tmp_path / "nbs", tmp_path / "results"
+    nbdir.mkdir()
+    _notebook(nbdir / "01_a.ipynb", 'results_dir = "results"', "pass")
+    _notebook(nbdir / "02_reads.ipynb", 'results_dir = "results"',
+              "import json, pathlib\n"
+              "m = json.loads((pathlib.Path(results_dir) / 'run.json').read_text())\n"
+              "(pathlib.Path(results_dir) / 'seen.txt').write_text(m['last_invocation']['command'])")
+    args = ["--notebook-dir", str(nbdir), "-p", "results_dir", str(results),
+            "--output-dir", str(tmp_path / "r")]
+    assert run.main(args) == 0
+    assert run.main(args + ["--only", "02"]) == 0
+    assert "--only 02" in (results / "seen.txt").read_text()
+
+
 def test_no_run_json_for_notebooks_without_a_results_folder(tmp_path):
     nbdir = tmp_path / "nbs"
     nbdir.mkdir()
