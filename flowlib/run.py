@@ -249,14 +249,18 @@ class _Manifest:
                                            **self.invocation}
         self.write()
 
-    def _on_disk(self, key: str = "notebooks", kind: type = dict):
+    def _on_disk(self) -> tuple[dict, list]:
+        """The notebook entries and the invocation history now in the file (empty if none or unreadable)."""
         import json
 
         try:
-            found = json.loads(self.path.read_text()).get(key, kind())
-        except (OSError, ValueError, AttributeError):
-            return kind()
-        return found if isinstance(found, kind) else kind()
+            found = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}, []
+        found = found if isinstance(found, dict) else {}
+        notebooks, history = found.get("notebooks"), found.get("invocations")
+        notebooks = notebooks if isinstance(notebooks, dict) else {}
+        return notebooks, history if isinstance(history, list) else []
 
     def finish(self, seconds: float) -> None:
         self.invocation["wall_seconds"] = round(seconds, 1)
@@ -271,9 +275,10 @@ class _Manifest:
         except ImportError:
             pass
         # merge with what is on disk now: another invocation (--only 09 in parallel) may have written since
-        notebooks = {**self._on_disk(), **self.ran}
+        on_disk, history = self._on_disk()
+        notebooks = {**on_disk, **self.ran}
         this = {**self.invocation, "notebooks": sorted(self.ran)}
-        history = [inv for inv in self._on_disk("invocations", list)
+        history = [inv for inv in history
                    if not (isinstance(inv, dict) and inv.get("started") == this["started"]
                            and inv.get("command") == this["command"])]
         record = {"last_invocation": self.invocation, "machine": self.machine, "notebooks": notebooks,

@@ -141,15 +141,15 @@ class TrainConfig:
     @property
     def distilled(self) -> bool:
         """True when the loss uses a teacher (a non-zero l1 or l2 weight)."""
-        lam = self.lambdas if self.lambdas is not None else PRESETS[resolve_method(self.method)].lambdas
-        return lam[1] != 0 or lam[2] != 0
+        _, l1, l2 = self.lambdas_at(1)  # the first step carries the full weights under every schedule
+        return l1 != 0 or l2 != 0
 
     def lambdas_at(self, step: int) -> tuple[float, float, float]:
         """Eq. 15's weights ``(l0, l1, l2)`` at training step ``step`` (1-based). ``"constant"``: the preset's
         (or ``lambdas``) throughout. ``"decay"``: ``l1`` and ``l2`` times ``1 - (step - 1) / steps``, so the
         teacher's signal is strongest at the start and the last steps are (almost) NLL alone; ``l0`` stays."""
-        preset = PRESETS[resolve_method(self.method)].lambdas
-        l0, l1, l2 = self.lambdas if self.lambdas is not None else preset
+        weights = self.lambdas if self.lambdas is not None else PRESETS[resolve_method(self.method)].lambdas
+        l0, l1, l2 = weights
         if self.lambda_schedule == "decay":
             f = 1.0 - (step - 1) / self.steps
             l1, l2 = l1 * f, l2 * f
