@@ -131,8 +131,15 @@ def test_jobs_run_notebooks_side_by_side_and_the_results_notebook_last(tmp_path)
     nbdir, stamps = tmp_path / "nbs", tmp_path / "stamps"
     nbdir.mkdir()
     stamps.mkdir()
-    _timed_notebook(nbdir / "01_a.ipynb", stamps, 3)
-    _timed_notebook(nbdir / "02_b.ipynb", stamps, 3)
+    # each waits (up to 2 min) for the other to start, so they finish only if they ran side by side
+    for name, other in (("01_a", "02_b"), ("02_b", "01_a")):
+        _timed_notebook(nbdir / f"{name}.ipynb", stamps, 0.5, extra=(
+            "for _ in range(1200):\n"
+            f"    if (d / '{other}.start').exists():\n"
+            "        break\n"
+            "    time.sleep(0.1)\n"
+            "else:\n"
+            f"    raise TimeoutError('{other} never started alongside')\n"))
     # the last notebook fails unless both others have finished when it starts
     _timed_notebook(nbdir / "03_results.ipynb", stamps, 0,
                     extra="assert (d / '01_a.end').exists() and (d / '02_b.end').exists()\n")
@@ -155,10 +162,19 @@ def test_jobs_stop_at_the_first_failure(tmp_path, capsys):
     nbdir, stamps = tmp_path / "nbs", tmp_path / "stamps"
     nbdir.mkdir()
     stamps.mkdir()
-    _notebook(nbdir / "01_bad.ipynb", "n = 1", "raise ValueError('broken on purpose')")
-    _timed_notebook(nbdir / "02_slow.ipynb", stamps, 2)
-    _timed_notebook(nbdir / "03_never.ipynb", stamps, 0)
     out = tmp_path / "runs"
+    _notebook(nbdir / "01_bad.ipynb", "n = 1", "raise ValueError('broken on purpose')")
+    # 02 finishes only once the runner has recorded 01's failure (summary.json), however slowly 01's kernel
+    # starts: a fixed sleep raced against kernel start-up on a loaded machine and let 03 start
+    _timed_notebook(nbdir / "02_slow.ipynb", stamps, 0, extra=(
+        f"s = pathlib.Path(r'{out}') / 'summary.json'\n"
+        "for _ in range(1200):\n"
+        "    if s.exists() and '01_bad' in s.read_text():\n"
+        "        break\n"
+        "    time.sleep(0.1)\n"
+        "else:\n"
+        "    raise TimeoutError('01_bad was never recorded')\n"))
+    _timed_notebook(nbdir / "03_never.ipynb", stamps, 0)
     assert run.main(["--notebook-dir", str(nbdir), "--output-dir", str(out), "--jobs", "2"]) == 1
     assert "01_bad.ipynb failed in cell" in capsys.readouterr().err
     summary = {s["notebook"]: s["status"] for s in json.loads((out / "summary.json").read_text())}

@@ -400,7 +400,7 @@ def test_training_lock_blocks_a_second_holder(tmp_path):
         "import sys, time, pathlib\n"
         "from flowlib.train import training_lock\n"
         "with training_lock(pathlib.Path(sys.argv[1])):\n"
-        "    print('held', flush=True); time.sleep(1.5)\n"), str(tmp_path / "run")],
+        "    print('held', flush=True); time.sleep(3.0)\n"), str(tmp_path / "run")],
         stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     start = time.perf_counter()
