@@ -477,13 +477,11 @@ class _MaskedLinear(nn.Linear):
     def forward(self, x):
         return _linear(x[:, : self.used_inputs], self.masked_weight(), self.bias)
 
-    def forward_chunks(self, x, chunks: int, scales=None, reverse_out: bool = False,
-                       width: int | None = None) -> list[torch.Tensor]:
-        """The output split into ``chunks`` equal groups of units, each computed as its own contiguous
-        (N, out / chunks) tensor, group ``j`` multiplied by ``scales[j]`` if given (and each group's units in
-        reverse order with ``reverse_out``). Slicing one (N, out) result would leave strided views, and
-        elementwise kernels on those run several times slower. ``width`` > out / chunks pads every group
-        with units whose weights and bias are 0 (so they output exactly 0)."""
+    def chunk_parameters(self, chunks: int, scales=None, reverse_out: bool = False,
+                         width: int | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The masked weight and the bias split into ``chunks`` equal groups of units, group ``j`` multiplied
+        by ``scales[j]`` if given (and each group's units in reverse order with ``reverse_out``). ``width`` >
+        out / chunks pads every group with units whose weights and bias are 0 (so they output exactly 0)."""
         def make():
             weights, biases = self.masked_weight().chunk(chunks, 0), self.bias.chunk(chunks)
             if reverse_out:
@@ -498,7 +496,14 @@ class _MaskedLinear(nn.Linear):
             return weights, biases
 
         scale_key = None if scales is None else tuple(float(c) for c in scales)
-        weights, biases = self._prepared(("chunks", chunks, scale_key, reverse_out, width), make)
+        return self._prepared(("chunks", chunks, scale_key, reverse_out, width), make)
+
+    def forward_chunks(self, x, chunks: int, scales=None, reverse_out: bool = False,
+                       width: int | None = None) -> list[torch.Tensor]:
+        """The output split as :meth:`chunk_parameters` splits the units, each group computed as its own
+        contiguous (N, out / chunks) tensor. Slicing one (N, out) result would leave strided views, and
+        elementwise kernels on those run several times slower."""
+        weights, biases = self.chunk_parameters(chunks, scales, reverse_out, width)
         x = x[:, : self.used_inputs]
         return [_linear(x, w, b) for w, b in zip(weights, biases)]
 
@@ -566,24 +571,67 @@ class MADE(nn.Module):
         return self.net[-1].forward_chunks(h, self.n_outputs, scales, reverse_out=reversed_features,
                                            width=self.head_width)
 
+    def fused_parameters(self, scales, reversed_features: bool = False):
+        """``lo, hi, params`` for :class:`_MadeAffineFn`, which computes what :meth:`heads` computes (two
+        heads): the input columns ``[lo, hi)`` the first layer multiplies, then every hidden layer's masked
+        weight and bias and the two heads' prepared weights and biases."""
+        first, d = self.net[0], self.features
+        k = first.used_inputs
+        if reversed_features:
+            lo, hi, w_first = d - k, d, first._prepared("flipped", lambda: first.masked_weight().flip(1))
+        else:
+            lo, hi, w_first = 0, k, first.masked_weight()
+        params = [w_first, first.bias]
 
-class _AffineAutoregressiveFn(torch.autograd.Function):
-    """Eq. 10's encode step fused into one autograd node: from ``x`` and the MADE heads ``-mu`` and
-    ``r' = 2 r / clamp`` (the sign and the scaling are folded into the last layer's weights),
-    ``alpha = clamp * tanh(r / clamp)``, ``u = (x + (-mu)) * exp(-alpha)`` and ``logdet = -sum_i alpha_i``.
+        def all_inputs(layer, w):  # the node multiplies a layer's whole input; MADE's degrees use every unit
+            extra = layer.in_features - layer.used_inputs
+            return F.pad(w, (0, extra)) if extra else w
 
-    Written out by hand because autograd's op-by-op graph of the same formula makes about twice as many passes
-    over the (N, D) tensors, and those passes, not the small MADE matmuls, dominate a MAF training step.
-    ``clamp * tanh(r / clamp)`` is evaluated as ``clamp * (2 sigmoid(2 r / clamp) - 1)`` (the same function;
-    the CPU sigmoid kernel is much faster than tanh). Taking ``-mu`` saves negating the gradient, an (N, D)
-    pass. The heads may be wider than ``x`` (:attr:`MADE.head_width`): their extra columns are exactly 0, so
-    ``alpha`` is 0 there and adds nothing to the log-det. Backward: ``du/dx = du/d(-mu) = exp(-alpha)``,
-    ``du/dalpha = -u``, ``dlogdet/dalpha = -1``, ``dalpha/dr' = 2 clamp s (1 - s)`` with ``s = sigmoid(r')``.
+        for layer in self.net[2:-1:2]:
+            params += [all_inputs(layer, layer.masked_weight()), layer.bias]
+        last = self.net[-1]
+        weights, biases = last.chunk_parameters(self.n_outputs, scales, reverse_out=reversed_features,
+                                                width=self.head_width)
+        weights = [all_inputs(last, w) for w in weights]
+        for w, b in zip(weights, biases):
+            params += [w, b]
+        return lo, hi, params
+
+
+class _MadeAffineFn(torch.autograd.Function):
+    """MADE and Eq. 10's encode step fused into one autograd node (the training path of
+    :class:`MaskedAffineAutoregressive`).
+
+    Forward: ``h = relu(x[:, lo:hi] W_1^T + b_1)``, then ``h = relu(h W_l^T + b_l)`` for every further hidden
+    layer, the two heads ``-mu = h W_mu^T + b_mu`` and ``r' = h W_r^T + b_r`` (the -1 and ``2 / clamp`` are
+    folded into those weights), ``alpha = clamp * tanh(r / clamp)``, ``u = (x + (-mu)) * exp(-alpha)`` and
+    ``logdet = -sum_i alpha_i``. ``[lo, hi)`` are the input columns some hidden unit can see
+    (:class:`_MaskedLinear`); ``W_1`` multiplies only those.
+
+    Written out by hand because autograd's op-by-op graph makes about twice as many passes over the (N, D)
+    tensors, and those passes, not the small matmuls, dominate a MAF training step. In particular x's
+    gradient is assembled in one buffer: ``grad_u * exp(-alpha)``, plus the first layer's input gradient
+    added in place into columns ``lo:hi`` (autograd would zero-fill an (N, D) tensor for the column slice,
+    copy into it and add it to the other path's gradient). ``clamp * tanh(r / clamp)`` is evaluated as
+    ``clamp * (2 sigmoid(2 r / clamp) - 1)`` (the same function; the CPU sigmoid kernel is much faster than
+    tanh). The heads may be wider than ``x`` (:attr:`MADE.head_width`): their extra columns are exactly 0, so
+    ``alpha`` is 0 there and adds nothing to the log-det. Backward of the affine step: ``du/dx = du/d(-mu) =
+    exp(-alpha)``, ``du/dalpha = -u``, ``dlogdet/dalpha = -1``, ``dalpha/dr' = 2 clamp s (1 - s)`` with
+    ``s = sigmoid(r')``; of each layer the usual linear and ReLU rules.
+
+    ``apply(x, lo, hi, clamp, w_1, b_1, ..., w_L, b_L, w_mu, b_mu, w_r, b_r)``; returns ``u, logdet``.
     """
 
     @staticmethod
-    def forward(ctx, x, neg_mu, r_scaled, clamp: float):
-        s = torch.sigmoid(r_scaled)
+    def forward(ctx, x, lo: int, hi: int, clamp: float, *params):
+        *hidden, w_mu, b_mu, w_r, b_r = params
+        x_in = x[:, lo:hi]
+        h, acts = x_in, [x_in]  # every layer's input
+        for w, b in zip(hidden[::2], hidden[1::2]):
+            h = torch.addmm(b, h, w.T).relu_()
+            acts.append(h)
+        neg_mu = torch.addmm(b_mu, h, w_mu.T)
+        s = torch.addmm(b_r, h, w_r.T).sigmoid_()
         # -alpha in base-2 units: exp2 is ~3x faster than exp on the CPU
         neg_alpha2 = torch.add(s.new_tensor(clamp * _LOG2_E), s, alpha=-2.0 * clamp * _LOG2_E)
         logdet = neg_alpha2.sum(1).mul_(_LN_2)
@@ -591,29 +639,51 @@ class _AffineAutoregressiveFn(torch.autograd.Function):
         d = x.shape[1]
         u = torch.add(x, neg_mu[:, :d]).mul_(scale[:, :d])
         ds = s.addcmul_(s, s, value=-1.0)  # s (1 - s), in place: backward needs nothing else of s
-        ctx.save_for_backward(ds, scale, u)
-        ctx.clamp = clamp
+        ctx.save_for_backward(ds, scale, u, *acts, *hidden[::2], w_mu, w_r)
+        ctx.clamp, ctx.lo, ctx.hi, ctx.layers = clamp, lo, hi, len(hidden) // 2
         return u, logdet
 
     @staticmethod
     def backward(ctx, grad_u, grad_logdet):
-        ds, scale, u = ctx.saved_tensors
+        ds, scale, u, *rest = ctx.saved_tensors
+        n_layers = ctx.layers
+        acts, weights, (w_mu, w_r) = rest[:n_layers + 1], rest[n_layers + 1:2 * n_layers + 1], rest[-2:]
         d = u.shape[1]
         # dL/dr' = -(grad_u * u + grad_logdet) * dalpha/dr',  dalpha/dr' = 2 clamp s (1 - s)
         k = -2.0 * ctx.clamp  # folded into the first pass: (k grad_logdet) + k (grad_u u), then times ds
         row = grad_logdet.unsqueeze(1) * k
         if scale.shape[1] == d:
-            grad_x = grad_u * scale
-            return grad_x, grad_x, torch.addcmul(row, grad_u, u, value=k).mul_(ds), None
-        # padded heads: their extra columns enter the log-det only. x's gradient is a view of -mu's, which is
-        # zero in the extra columns: one (N, D) buffer less than padding a copy.
-        grad_mu = torch.empty_like(ds)
-        grad_x = torch.mul(grad_u, scale[:, :d], out=grad_mu[:, :d])
-        grad_mu[:, d:] = 0.0
-        grad_r = torch.empty_like(ds)
-        grad_r[:, d:] = row
-        torch.addcmul(row, grad_u, u, value=k, out=grad_r[:, :d])
-        return grad_x, grad_mu, grad_r.mul_(ds), None
+            grad_mu = grad_u * scale
+            grad_r = torch.addcmul(row, grad_u, u, value=k).mul_(ds)
+        else:  # padded heads: their extra columns enter the log-det only
+            grad_mu = torch.empty_like(ds)
+            torch.mul(grad_u, scale[:, :d], out=grad_mu[:, :d])
+            grad_mu[:, d:] = 0.0
+            grad_r = torch.empty_like(ds)
+            grad_r[:, d:] = row
+            torch.addcmul(row, grad_u, u, value=k, out=grad_r[:, :d])
+            grad_r.mul_(ds)
+        weights_need_grad = any(ctx.needs_input_grad[4:])  # not for a frozen teacher
+        h = acts[-1]
+        grads = [None] * 4
+        if weights_need_grad:
+            grads = [grad_mu.T @ h, grad_mu.sum(0), grad_r.T @ h, grad_r.sum(0)]
+        g = torch.mm(grad_mu, w_mu).addmm_(grad_r, w_r)
+        layer_grads = []
+        for i in range(n_layers - 1, -1, -1):
+            # ReLU's backward from its output (> 0 exactly where the input was)
+            g = torch.ops.aten.threshold_backward(g, acts[i + 1], 0.0)
+            layer_grads = ([g.T @ acts[i], g.sum(0)] if weights_need_grad else [None, None]) + layer_grads
+            if i > 0:
+                g = g @ weights[i]
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            # x's gradient is -mu's (its first d columns), which no later use reads: add the first layer's
+            # input gradient to it in place. A separate product then an add, not addmm_: the sum rounds
+            # exactly as autograd's accumulation of the two paths did, so training is unchanged bit for bit
+            grad_x = grad_mu[:, :d]
+            grad_x[:, ctx.lo:ctx.hi] += torch.mm(g, weights[0])
+        return (grad_x, None, None, None, *layer_grads, *grads)
 
 
 class MaskedAffineAutoregressive(nn.Module):
@@ -636,9 +706,11 @@ class MaskedAffineAutoregressive(nn.Module):
         the result (``flip(forward(flip(x)))``, computed without touching the data's order)."""
         _check_features(x, self.features, "MaskedAffineAutoregressive")
         # the heads come out of the last layer already multiplied by -1 and 2 / clamp (see the Fn)
-        neg_mu, r = self.made.heads(x, scales=(-1.0, 2.0 / self.clamp), reversed_features=reversed_features)
+        scales = (-1.0, 2.0 / self.clamp)
         if torch.is_grad_enabled():
-            return _AffineAutoregressiveFn.apply(x, neg_mu, r, self.clamp)
+            lo, hi, params = self.made.fused_parameters(scales, reversed_features)
+            return _MadeAffineFn.apply(x, lo, hi, self.clamp, *params)
+        neg_mu, r = self.made.heads(x, scales=scales, reversed_features=reversed_features)
         # evaluation: the same arithmetic in place in the freshly computed heads
         s = r.sigmoid_()
         c2 = self.clamp * _LOG2_E

@@ -19,9 +19,9 @@ from flowlib.bijectors import (
     AffineCoupling,
     BatchNormFlow,
     MaskedAffineAutoregressive,
-    _AffineAutoregressiveFn,
     _AffineCouplingFn,
     _BatchNormFn,
+    _MadeAffineFn,
 )
 from flowlib.models import MAF, Glow
 
@@ -42,22 +42,52 @@ def _trained_like(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 # --- the fused autograd nodes: backward against finite differences ----------------------------------------
 
-def test_affine_autoregressive_fn_gradcheck():
-    x, neg_mu, r = (_randn(5, 4, seed=s, requires_grad=True) for s in range(3))
-    fn = lambda a, b, c: _AffineAutoregressiveFn.apply(a, b, c, 3.0)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (x, neg_mu, r))
-    # the value is Eq. 10 with mu = -neg_mu
-    u, logdet = _AffineAutoregressiveFn.apply(x, neg_mu, r, 3.0)
-    alpha = 3.0 * torch.tanh(r * 3.0 / 2 / 3.0)
-    torch.testing.assert_close(u, (x + neg_mu) * torch.exp(-alpha))
-    torch.testing.assert_close(logdet, -alpha.sum(1))
-    # heads wider than x (MADE pads 63 to 64 columns): u uses the first columns, the log-det all of them
-    wide_mu, wide_r = (_randn(5, 6, seed=s, requires_grad=True) for s in (3, 4))
-    assert torch.autograd.gradcheck(fn, (x, wide_mu, wide_r))
-    u, logdet = _AffineAutoregressiveFn.apply(x, wide_mu, wide_r, 3.0)
-    alpha = 3.0 * torch.tanh(wide_r / 2)
-    torch.testing.assert_close(u, (x + wide_mu[:, :4]) * torch.exp(-alpha[:, :4]))
-    torch.testing.assert_close(logdet, -alpha.sum(1))
+def _made_affine_inputs(d: int, width: int, layers: int, seed: int = 0):
+    """x (N, d) and random parameters for :class:`_MadeAffineFn`: ``layers`` hidden layers of 3 units, the
+    first reading 2 of the d input columns, heads ``width`` >= d wide, all float64 with gradients."""
+    sizes = [2] + [3] * layers
+    params = []
+    for i in range(layers):
+        params += [_randn(sizes[i + 1], sizes[i], seed=seed + 2 * i),
+                   _randn(sizes[i + 1], seed=seed + 2 * i + 1)]
+    params += [_randn(width, 3, seed=seed + 20), _randn(width, seed=seed + 21),
+               _randn(width, 3, seed=seed + 22), _randn(width, seed=seed + 23)]
+    return _randn(5, d, seed=seed + 30, requires_grad=True), [p.requires_grad_() for p in params]
+
+
+def _made_affine_reference(x, lo, hi, clamp, params):
+    """Eq. 10 written plainly with autograd's ops: the MLP on x[:, lo:hi], -mu and r' from the two heads,
+    alpha = clamp tanh(r / clamp) with r = r' clamp / 2."""
+    *hidden, w_mu, b_mu, w_r, b_r = params
+    h = x[:, lo:hi]
+    for w, b in zip(hidden[::2], hidden[1::2]):
+        h = torch.relu(F.linear(h, w, b))
+    neg_mu, r_scaled = F.linear(h, w_mu, b_mu), F.linear(h, w_r, b_r)
+    alpha = clamp * torch.tanh(r_scaled * clamp / 2 / clamp)
+    d = x.shape[1]
+    return (x + neg_mu[:, :d]) * torch.exp(-alpha[:, :d]), -alpha.sum(1)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+@pytest.mark.parametrize("width,lo", [(4, 0), (4, 2), (6, 0)])  # lo = 2: the reversed layout; 6: padded heads
+def test_made_affine_fn_gradcheck(layers, width, lo):
+    x, params = _made_affine_inputs(4, width, layers)
+    fn = lambda x_, *p: _MadeAffineFn.apply(x_, lo, lo + 2, 3.0, *p)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, *params))
+    u, logdet = fn(x, *params)
+    expected_u, expected_logdet = _made_affine_reference(x, lo, lo + 2, 3.0, params)
+    torch.testing.assert_close(u, expected_u)
+    torch.testing.assert_close(logdet, expected_logdet)
+
+
+def test_made_affine_fn_with_frozen_weights_still_passes_the_input_gradient():
+    x, params = _made_affine_inputs(4, 6, 2)
+    frozen = [p.detach() for p in params]
+    u, logdet = _MadeAffineFn.apply(x, 1, 3, 3.0, *frozen)
+    grad_x, = torch.autograd.grad((u * u).sum() + logdet.sum(), x)
+    expected_u, expected_logdet = _made_affine_reference(x, 1, 3, 3.0, frozen)
+    expected, = torch.autograd.grad((expected_u * expected_u).sum() + expected_logdet.sum(), x)
+    torch.testing.assert_close(grad_x, expected)
 
 
 def test_batch_norm_fn_gradcheck():
