@@ -344,10 +344,8 @@ def keep_heap(mmap_threshold: int = 64 << 20, trim_threshold: int = 512 << 20) -
     libc = ctypes.CDLL(name) if name else None
     if libc is None or not hasattr(libc, "mallopt"):
         raise SystemExit("--keep-heap needs glibc's mallopt (Linux); run without --keep-heap on this system")
-    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
-    set_mmap, set_trim = libc.mallopt(m_mmap_threshold, mmap_threshold), libc.mallopt(m_trim_threshold,
-                                                                                       trim_threshold)
-    if not (set_mmap and set_trim):
+    m_trim, m_mmap = -1, -3  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD in glibc's malloc.h
+    if not (libc.mallopt(m_mmap, mmap_threshold) and libc.mallopt(m_trim, trim_threshold)):
         raise SystemExit("mallopt refused the thresholds; run without --keep-heap")
 
 

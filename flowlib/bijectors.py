@@ -559,31 +559,32 @@ class MADE(nn.Module):
         reversing the first layer's input columns and the heads' rows (small weight matrices) instead of
         the (N, D) data: a MAF can then skip the reversal between its blocks (see ``MAF.encode``).
         """
-        first = self.net[0]
-        if reversed_features:
-            k = first.used_inputs
-            w_flipped = first._prepared("flipped", lambda: first.masked_weight().flip(1))
-            h = _linear(x[:, self.features - k:], w_flipped, first.bias)
-        else:
-            h = first(x)
+        lo, hi, w_first = self._first_layer(reversed_features)
+        h = _linear(x[:, lo:hi], w_first, self.net[0].bias)
         for layer in self.net[1:-1]:
             h = layer(h)
         return self.net[-1].forward_chunks(h, self.n_outputs, scales, reverse_out=reversed_features,
                                            width=self.head_width)
 
+    def _first_layer(self, reversed_features: bool):
+        """``lo, hi, weight``: the first layer multiplies input columns ``[lo, hi)`` (the used ones; at the
+        end when the features come back to front) by ``weight`` (its masked weight, column-flipped then)."""
+        first, d = self.net[0], self.features
+        k = first.used_inputs
+        if reversed_features:
+            return d - k, d, first._prepared("flipped", lambda: first.masked_weight().flip(1))
+        return 0, k, first.masked_weight()
+
     def fused_parameters(self, scales, reversed_features: bool = False):
         """``lo, hi, params`` for :class:`_MadeAffineFn`, which computes what :meth:`heads` computes (two
         heads): the input columns ``[lo, hi)`` the first layer multiplies, then every hidden layer's masked
         weight and bias and the two heads' prepared weights and biases."""
-        first, d = self.net[0], self.features
-        k = first.used_inputs
-        if reversed_features:
-            lo, hi, w_first = d - k, d, first._prepared("flipped", lambda: first.masked_weight().flip(1))
-        else:
-            lo, hi, w_first = 0, k, first.masked_weight()
-        params = [w_first, first.bias]
+        lo, hi, w_first = self._first_layer(reversed_features)
+        params = [w_first, self.net[0].bias]
 
-        def all_inputs(layer, w):  # the node multiplies a layer's whole input; MADE's degrees use every unit
+        def all_inputs(layer, w):
+            # the node multiplies a layer's whole input; only for D = 1 (every unit of degree 1, which no
+            # output may see) does a layer leave inputs unused, and their weight columns are then zero
             extra = layer.in_features - layer.used_inputs
             return F.pad(w, (0, extra)) if extra else w
 

@@ -133,7 +133,7 @@ def test_made_skips_only_unused_inputs(features, hidden):
 
 
 @pytest.mark.parametrize("grad", [False, True])
-@pytest.mark.parametrize("features", [5, 63])  # 63: heads padded to 64 columns
+@pytest.mark.parametrize("features", [1, 5, 63])  # 63: heads padded to 64 columns; 1: unused hidden inputs
 def test_masked_affine_autoregressive_matches_eq10(grad, features):
     layer = _trained_like(MaskedAffineAutoregressive(features, hidden=8, clamp=2.0).double())
     x = _randn(11, features, requires_grad=grad)  # the fused training node returns x's gradient too

@@ -125,6 +125,17 @@ def _timed_notebook(path, stamp_dir, sleep, extra=""):
         f"(d / '{path.stem}.end').write_text(repr(time.time()))\n"))
 
 
+def _wait_for(condition: str, what: str) -> str:
+    """Notebook code that polls ``condition`` (a Python expression) for up to 2 minutes, then fails with
+    ``what``: the runner tests wait on events, not on sleeps that race a kernel's start-up."""
+    return ("for _ in range(1200):\n"
+            f"    if {condition}:\n"
+            "        break\n"
+            "    time.sleep(0.1)\n"
+            "else:\n"
+            f"    raise TimeoutError({what!r})\n")
+
+
 def test_jobs_run_notebooks_side_by_side_and_the_results_notebook_last(tmp_path):
     import nbformat
 
@@ -133,13 +144,8 @@ def test_jobs_run_notebooks_side_by_side_and_the_results_notebook_last(tmp_path)
     stamps.mkdir()
     # each waits (up to 2 min) for the other to start, so they finish only if they ran side by side
     for name, other in (("01_a", "02_b"), ("02_b", "01_a")):
-        _timed_notebook(nbdir / f"{name}.ipynb", stamps, 0.5, extra=(
-            "for _ in range(1200):\n"
-            f"    if (d / '{other}.start').exists():\n"
-            "        break\n"
-            "    time.sleep(0.1)\n"
-            "else:\n"
-            f"    raise TimeoutError('{other} never started alongside')\n"))
+        waits = _wait_for(f"(d / '{other}.start').exists()", f"{other} never started alongside")
+        _timed_notebook(nbdir / f"{name}.ipynb", stamps, 0.5, extra=waits)
     # the last notebook fails unless both others have finished when it starts
     _timed_notebook(nbdir / "03_results.ipynb", stamps, 0,
                     extra="assert (d / '01_a.end').exists() and (d / '02_b.end').exists()\n")
@@ -168,12 +174,7 @@ def test_jobs_stop_at_the_first_failure(tmp_path, capsys):
     # starts: a fixed sleep raced against kernel start-up on a loaded machine and let 03 start
     _timed_notebook(nbdir / "02_slow.ipynb", stamps, 0, extra=(
         f"s = pathlib.Path(r'{out}') / 'summary.json'\n"
-        "for _ in range(1200):\n"
-        "    if s.exists() and '01_bad' in s.read_text():\n"
-        "        break\n"
-        "    time.sleep(0.1)\n"
-        "else:\n"
-        "    raise TimeoutError('01_bad was never recorded')\n"))
+        + _wait_for("s.exists() and '01_bad' in s.read_text()", "01_bad was never recorded")))
     _timed_notebook(nbdir / "03_never.ipynb", stamps, 0)
     assert run.main(["--notebook-dir", str(nbdir), "--output-dir", str(out), "--jobs", "2"]) == 1
     assert "01_bad.ipynb failed in cell" in capsys.readouterr().err
