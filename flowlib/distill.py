@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .models import MAF, Encoding, Glow, standard_normal_logprob
+from .models import MAF, Encoding, Glow, check_count, check_temperature, standard_normal_logprob
 
 __all__ = [
     "DISTANCES", "DistillationLoss", "PRESETS", "Preset", "bits_per_dim", "bits_per_dim_from_log_prob",
@@ -190,20 +190,38 @@ def _lkd_from(t_enc: Encoding, s_enc: Encoding, distance: str) -> torch.Tensor:
     return latent_distance(s, t, distance)
 
 
-def _ilkd_from(t_enc: Encoding, s_enc: Encoding, pairs: Sequence[Sequence[int]],
-               distance: str) -> torch.Tensor:
+def _known_points(model: nn.Module) -> int | None:
+    """Number of ``enc.latents`` of a Glow or MAF (None for other models: known only after encoding)."""
+    try:
+        return _num_points(model, "model")
+    except TypeError:
+        return None
+
+
+def _check_pairs(pairs: Sequence[Sequence[int]], n_student: int | None, n_teacher: int | None) -> None:
+    """ILKD pairs: at least one, each ``(student_index, teacher_index)`` within the points (when known).
+    Checked before the models run, so that a bad pair cannot follow a training-mode pass of the student."""
     if len(pairs) == 0:
         raise ValueError("ILKD needs at least one (student_index, teacher_index) pair")
-    total = None
     for k, pair in enumerate(pairs):
         if len(pair) != 2:
             raise ValueError(f"ILKD pair #{k} should be (student_index, teacher_index), got {pair!r}")
         j, i = int(pair[0]), int(pair[1])
-        if not (0 <= j < len(s_enc.latents)) or not (0 <= i < len(t_enc.latents)):
+        if n_student is None or n_teacher is None:
+            continue
+        if not (0 <= j < n_student) or not (0 <= i < n_teacher):
             raise IndexError(
                 f"ILKD pair #{k} (student {j}, teacher {i}) is out of range: the student has "
-                f"{len(s_enc.latents)} distillation points and the teacher {len(t_enc.latents)}"
+                f"{n_student} distillation points and the teacher {n_teacher}"
             )
+
+
+def _ilkd_from(t_enc: Encoding, s_enc: Encoding, pairs: Sequence[Sequence[int]],
+               distance: str) -> torch.Tensor:
+    _check_pairs(pairs, len(s_enc.latents), len(t_enc.latents))
+    total = None
+    for k, pair in enumerate(pairs):
+        j, i = int(pair[0]), int(pair[1])
         s_lat, t_lat = s_enc.latents[j], t_enc.latents[i]
         if s_lat.shape != t_lat.shape:
             raise ValueError(
@@ -235,20 +253,25 @@ def ilkd_loss(teacher: nn.Module, student: nn.Module, x: torch.Tensor,
     """
     if pairs is None:
         pairs = default_pairs(teacher, student)
+    _check_pairs(pairs, _known_points(student), _known_points(teacher))
     t_enc = _encode_teacher(teacher, x)
     return _ilkd_from(t_enc, student.encode(x), pairs, distance)
 
 
-def _shared_noise(teacher, student, n, noise, generator):
+def _check_same_latents(teacher, student):
     if [tuple(s) for s in teacher.latent_shapes] != [tuple(s) for s in student.latent_shapes]:
         raise ValueError(
             f"SKD decodes the same noise with both models, but their latent shapes differ: teacher "
             f"{teacher.latent_shapes}, student {student.latent_shapes}"
         )
+
+
+def _shared_noise(teacher, student, n, noise, generator):
+    _check_same_latents(teacher, student)
     if noise is None:
         if n is None:
             raise ValueError("skd_loss needs the number of samples n (or noise)")
-        noise = teacher.sample_noise(n, generator)
+        noise = teacher.sample_noise(check_count(n, "the number of SKD samples n", minimum=1), generator)
     elif isinstance(noise, torch.Tensor):
         noise = teacher._as_latent_list(noise)
     return list(noise)
@@ -269,7 +292,9 @@ def skd_loss(teacher: nn.Module, student: nn.Module, n: int | None = None, tempe
     ``teacher.sample_noise(n, generator)`` unless ``noise`` is given) is decoded by both models at
     ``temperature`` (0.7, the paper's sampling temperature), so teacher and student synthesise from the
     same ``z``. The teacher decode runs under ``no_grad``; gradients flow through the student's decode.
+    ``n`` must be >= 1 and ``temperature`` a finite number >= 0 (``ValueError``).
     """
+    check_temperature(temperature)
     _check_teacher(teacher)
     noise = _shared_noise(teacher, student, n, noise, generator)
     return _skd_from(teacher, student, noise, temperature, distance)
@@ -345,11 +370,15 @@ def distillation_loss(teacher: nn.Module | None, student: nn.Module, x: torch.Te
     (Eq. 15's ``log p_s(x)`` negated, as a loss). The student is encoded once (its NLL and latents come
     from the same pass) and the teacher once under ``no_grad``; SKD adds one decode of each model on
     ``n_samples`` (default: the batch size) shared noise samples. Terms with weight 0 are not computed.
+    Arguments are checked before any model runs (``ValueError`` for a bad value, ``RuntimeError`` for a
+    teacher in training mode), so a refused call changes neither model.
     """
     preset = PRESETS[resolve_method(method)]
     lam = tuple(float(v) for v in (preset.lambdas if lambdas is None else lambdas))
     if len(lam) != 3:
         raise ValueError(f"lambdas must be (l0, l1, l2), got {lambdas!r}")
+    if not all(math.isfinite(v) for v in lam):
+        raise ValueError(f"lambdas must be finite numbers, got {lambdas!r}")
     latent = preset.latent
     if lam[1] != 0 and latent is None:
         raise ValueError(f"method {method!r} has no latent term; use 'lkd' or 'ilkd' for l1 != 0")
@@ -358,18 +387,26 @@ def distillation_loss(teacher: nn.Module | None, student: nn.Module, x: torch.Te
     needs_teacher = lam[1] != 0 or lam[2] != 0
     if needs_teacher:
         _check_teacher(teacher)
+    if lam[1] != 0 and latent == "ilkd":
+        if pairs is None:
+            pairs = default_pairs(teacher, student)
+        _check_pairs(pairs, _known_points(student), _known_points(teacher))
+    if lam[2] != 0:
+        check_temperature(temperature)
+        if n_samples is not None:
+            check_count(n_samples, "n_samples", minimum=1)
+        _check_same_latents(teacher, student)
 
+    if lam[1] != 0:  # the teacher first: input it refuses must not follow a training pass of the student
+        with torch.no_grad():
+            t_enc = teacher.encode(x)
     s_enc = student.encode(x)
     terms: dict[str, torch.Tensor] = {"nll": -(standard_normal_logprob(s_enc.z) + s_enc.logdet).mean()}
     total = lam[0] * terms["nll"]
     if lam[1] != 0:
-        with torch.no_grad():
-            t_enc = teacher.encode(x)
         if latent == "lkd":
             terms["lkd"] = _lkd_from(t_enc, s_enc, distance)
         else:
-            if pairs is None:
-                pairs = default_pairs(teacher, student)
             terms["ilkd"] = _ilkd_from(t_enc, s_enc, pairs, distance)
         total = total + lam[1] * terms[latent]
     if lam[2] != 0:

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .data_sources import read_npz_cache
 from .results import atomic_write
 
 __all__ = [
@@ -337,13 +338,17 @@ def cached_real_features(images, dataset: str, split: str = "test", n: int | Non
         stem += f"_{tag}"
     path = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR) / f"{stem}.npz"
     fp = _fingerprint(chosen)
-    if path.is_file():
-        try:
-            with np.load(path) as data:
-                if str(data["fingerprint"]) == fp and str(data["extractor"]) == tag:
-                    return data["features"]
-        except (OSError, KeyError, ValueError):
-            pass  # unreadable or stale cache: recompute below
+    def check(arrays: dict) -> str | None:
+        feats = arrays.get("features")
+        if feats is None or "fingerprint" not in arrays or "extractor" not in arrays:
+            return "no features, fingerprint or extractor array"
+        if feats.ndim != 2 or len(feats) != chosen.shape[0] or not np.isfinite(feats).all():
+            return f"features of shape {feats.shape}, expected ({chosen.shape[0]}, d) and finite"
+        return None
+
+    cached = read_npz_cache(path, check)  # unreadable or malformed: a warning names the file, then recompute
+    if cached is not None and str(cached["fingerprint"]) == fp and str(cached["extractor"]) == tag:
+        return cached["features"]
     if features_fn is None:
         feature_kwargs.setdefault("desc", f"FID features {dataset}/{split}")
         feats = inception_features(chosen, **feature_kwargs)

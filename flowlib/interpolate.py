@@ -18,6 +18,9 @@ endpoints exactly.)
 Table 6 measures the FID of decoded interpolations of random test-image pairs, each with a random
 ``a`` in [0, 1), at temperatures 1.0 and 0.7 (the interpolated latent is multiplied by the
 temperature before decoding): :func:`interpolation_fid`.
+
+Temperatures must be finite numbers >= 0 and every ``alpha`` finite (``ValueError``); the model functions
+evaluate a fixed model many times, inside :func:`flowlib.bijectors.cached_weights`.
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .bijectors import cached_weights
 from .fid import FIDResult, fid, to_pixels
 from .metrics import eval_mode
+from .models import check_temperature
 
 __all__ = [
     "interpolate",
@@ -57,6 +62,11 @@ def _eq16(u: torch.Tensor, v: torch.Tensor, a: torch.Tensor, eps: float) -> torc
     return mix * (target / _norm(mix).clamp_min(eps))
 
 
+def _check_alphas(a: torch.Tensor) -> None:
+    if not bool(torch.isfinite(a).all()):
+        raise ValueError(f"interpolation weights alpha must be finite, got {a.tolist()}")
+
+
 def _as_levels(z) -> tuple[list[torch.Tensor], bool]:
     if torch.is_tensor(z):
         return [z], True
@@ -83,6 +93,7 @@ def interpolate_pairs(za, zb, alpha, eps: float = 1e-12):
         a = a.expand(n)
     if a.shape != (n,):
         raise ValueError(f"alpha must be a scalar or have shape ({n},), got {tuple(a.shape)}")
+    _check_alphas(a)
     out = [_eq16(u, v, a, eps) for u, v in zip(la, lb)]
     return out[0] if single else out
 
@@ -96,6 +107,7 @@ def interpolate(za, zb, alphas, eps: float = 1e-12):
     ``(1 - alpha) ||za|| + alpha ||zb||``.
     """
     a = torch.as_tensor(alphas, dtype=torch.float64)
+    _check_alphas(a)
     if a.dim() == 0:
         return interpolate_pairs(za, zb, float(a), eps)
     if a.dim() != 1:
@@ -117,13 +129,15 @@ def interpolate_images(model, xa: torch.Tensor, xb: torch.Tensor, n_steps: int =
     """
     if xa.shape != xb.shape:
         raise ValueError(f"xa and xb must have the same shape, got {tuple(xa.shape)} and {tuple(xb.shape)}")
+    check_temperature(temperature)
     if alphas is None:
         if n_steps < 2:
             raise ValueError(f"n_steps must be >= 2, got {n_steps}")
         alphas = torch.linspace(0.0, 1.0, n_steps, dtype=torch.float64)
     alphas = torch.as_tensor(alphas, dtype=torch.float64)
+    _check_alphas(alphas)
     device = next(model.parameters()).device
-    with eval_mode(model), torch.inference_mode():
+    with eval_mode(model), torch.inference_mode(), cached_weights(model):
         za, zb = model.encode(xa.to(device)).z, model.encode(xb.to(device)).z
         cols = []
         for a in alphas:
@@ -142,6 +156,7 @@ def interpolation_samples(model, x_test: torch.Tensor, n_pairs: int, temperature
     test set gives ``idx_a`` (its first ``n_pairs`` entries) and ``idx_b`` (the next ``n_pairs``), so
     ``2 * n_pairs <= len(x_test)``. Returns ``(samples, idx_a, idx_b, alphas)``, samples in model space.
     """
+    check_temperature(temperature)
     n = x_test.shape[0]
     if n_pairs < 1 or 2 * n_pairs > n:
         raise ValueError(f"need 1 <= n_pairs <= len(x_test) / 2 = {n // 2}, got n_pairs={n_pairs}")
@@ -153,9 +168,10 @@ def interpolation_samples(model, x_test: torch.Tensor, n_pairs: int, temperature
     alphas = torch.as_tensor(alphas, dtype=torch.float64)
     if alphas.shape != (n_pairs,):
         raise ValueError(f"alphas must have shape ({n_pairs},), got {tuple(alphas.shape)}")
+    _check_alphas(alphas)
     device = next(model.parameters()).device
     out = []
-    with eval_mode(model), torch.inference_mode():
+    with eval_mode(model), torch.inference_mode(), cached_weights(model):
         for s in tqdm(range(0, n_pairs, batch_size), desc=f"interpolating (T={temperature})",
                       disable=not progress):
             ia, ib = idx_a[s:s + batch_size], idx_b[s:s + batch_size]
@@ -190,7 +206,8 @@ def sample_at_temperatures(model, n: int, temperatures: Sequence[float] = (0.5, 
                            seed: int = 0) -> dict[float, torch.Tensor]:
     """Samples at several temperatures from the *same* standard-normal noise (seeded), so rows of a
     temperature sweep differ only by the temperature: ``{T: model.decode(T * noise)}``."""
+    temperatures = [check_temperature(t) for t in temperatures]
     gen = torch.Generator().manual_seed(seed)
-    with eval_mode(model), torch.inference_mode():
+    with eval_mode(model), torch.inference_mode(), cached_weights(model):
         noise = model.sample_noise(n, generator=gen)
         return {float(t): model.sample(temperature=float(t), noise=noise) for t in temperatures}

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .bijectors import cached_weights
 from .fid import (
     FEATURE_DIM,
     FIDResult,
@@ -80,7 +81,7 @@ def _batched(model, x: torch.Tensor, batch_size: int, fn, progress: bool, desc: 
         raise ValueError("cannot evaluate on an empty test set")
     device = _model_device(model)
     out = []
-    with eval_mode(model), torch.inference_mode():
+    with eval_mode(model), torch.inference_mode(), cached_weights(model):
         for start in tqdm(range(0, x.shape[0], batch_size), desc=desc, disable=not progress):
             xb = x[start:start + batch_size].to(device)
             out.append(fn(xb).detach().to("cpu", torch.float64))
@@ -202,7 +203,7 @@ def time_inference(model, x: torch.Tensor, repeats: int = 20, warmup: int = 3,
     device = _model_device(model)
     x = x.to(device)
     result: dict[str, float] = {"batch_size": float(x.shape[0]), "repeats": float(repeats)}
-    with eval_mode(model), torch.inference_mode():
+    with eval_mode(model), torch.inference_mode(), cached_weights(model):
         z = model.encode(x).z
         for name, fn in (("encode", lambda: model.log_prob(x)), ("decode", lambda: model.decode(z))):
             for _ in range(warmup):
@@ -251,7 +252,7 @@ def sample_fid(model, n_samples: int, temperature: float = 1.0, *, seed: int = 0
         raise ValueError(f"FID needs at least 2 samples, got {n_samples}")
     gen = torch.Generator().manual_seed(seed)
     out = []
-    with eval_mode(model), torch.inference_mode():
+    with eval_mode(model), torch.inference_mode(), cached_weights(model):
         for start in tqdm(range(0, n_samples, sample_batch_size), desc="sampling", disable=not progress):
             k = min(sample_batch_size, n_samples - start)
             out.append(to_pixels(model.sample(k, temperature=temperature, generator=gen).cpu(), preprocess))

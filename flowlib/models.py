@@ -15,12 +15,19 @@
 ``model.decode(z)`` inverts ``encode`` exactly; ``model.sample(n, temperature, noise)`` decodes
 ``temperature * noise``, so the same ``noise`` given to a teacher and a student makes them decode the
 same randomness at every level (SKD, Eq. 14).
+
+Bad input is refused before anything changes: a shape the model was not built for, or a batch with NaN /
+inf values, raises ``ValueError``; a non-float input, or one of another dtype than the model's parameters,
+``TypeError``; an empty batch in training mode (where ActNorm's initialisation and batch-norm statistics are
+set from the batch) ``ValueError``. In evaluation mode an empty batch gives an empty result, as does
+``sample(0)``. A temperature must be a finite number >= 0 (0 decodes the all-zero latent).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import operator
 import threading
 from dataclasses import dataclass
 
@@ -39,11 +46,13 @@ from .bijectors import (
     Reverse,
     Split,
     Squeeze,
+    _check_batch,
+    _check_size,
 )
 
 __all__ = [
     "Encoding", "Flow", "Glow", "MAF", "PAPER_PARAMS_K", "PRESETS",
-    "build_model", "count_parameters", "from_preset",
+    "build_model", "check_count", "check_dtype", "check_temperature", "count_parameters", "from_preset",
 ]
 
 _LOG_2PI = math.log(2 * math.pi)
@@ -59,7 +68,53 @@ class Encoding:
 
     def flat(self) -> torch.Tensor:
         """All latent variables of each sample concatenated into one (N, D) tensor."""
-        return torch.cat([t.reshape(t.shape[0], -1) for t in self.z], dim=1)
+        return torch.cat([t.flatten(1) for t in self.z], dim=1)
+
+
+_DTYPE_METHODS = {torch.float32: "float", torch.float64: "double", torch.float16: "half",
+                  torch.bfloat16: "bfloat16"}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _convert_hint(dtype: torch.dtype, what: str) -> str:
+    method = _DTYPE_METHODS.get(dtype)
+    return f"{what}.{method}()" if method else f"{what}.to(torch.{_dtype_name(dtype)})"
+
+
+def check_dtype(t: torch.Tensor, ref: torch.Tensor, owner: str, what: str = "input") -> None:
+    """``TypeError`` unless ``t`` has the dtype of the model's parameters (``ref``), naming both and a fix."""
+    if t.dtype != ref.dtype:
+        raise TypeError(
+            f"{owner}: {what} is {_dtype_name(t.dtype)} but the model's parameters are "
+            f"{_dtype_name(ref.dtype)}; call {_convert_hint(t.dtype, 'model')} or "
+            f"{_convert_hint(ref.dtype, 'x')}"
+        )
+
+
+def check_temperature(temperature) -> float:
+    """A sampling temperature as a float: it must be a finite number >= 0 (``ValueError`` otherwise; 0
+    decodes the all-zero latent, the mode of the latent distribution)."""
+    try:
+        value = float(temperature)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"temperature must be a number, got {temperature!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    return value
+
+
+def check_count(n, name: str = "n", minimum: int = 0) -> int:
+    """A number of samples: an integer >= ``minimum`` (``ValueError`` otherwise)."""
+    try:
+        ok = not isinstance(n, bool) and operator.index(n) >= minimum
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {n!r}")
+    return operator.index(n)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -74,13 +129,23 @@ class Flow(nn.Module):
     latent_shapes: list[tuple[int, ...]]
 
     def _check_input(self, x: torch.Tensor) -> None:
+        """Refuse, before any layer runs (and so before a training-mode pass changes any state), input of
+        the wrong type, shape or dtype (``TypeError`` / ``ValueError`` naming expected and got), a batch
+        with NaN or inf values, and an empty batch in training mode (``ValueError``)."""
+        name = type(self).__name__
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} expects a torch.Tensor, got {type(x).__name__}")
         if tuple(x.shape[1:]) != tuple(self.input_shape) or x.dim() != len(self.input_shape) + 1:
             raise ValueError(
-                f"{type(self).__name__} expects input of shape (N, {', '.join(map(str, self.input_shape))}), "
+                f"{name} expects input of shape (N, {', '.join(map(str, self.input_shape))}), "
                 f"got {tuple(x.shape)}"
             )
         if not x.is_floating_point():
-            raise TypeError(f"{type(self).__name__} expects a floating point tensor, got {x.dtype}")
+            raise TypeError(f"{name} expects a floating point tensor, got {x.dtype}")
+        ref = next(self.parameters(), None)
+        if ref is not None:
+            check_dtype(x, ref, name)
+        _check_batch(x, name, training=self.training)
 
     @property
     def dim(self) -> int:
@@ -125,18 +190,30 @@ class Flow(nn.Module):
     def _as_latent_list(self, z) -> list[torch.Tensor]:
         if isinstance(z, torch.Tensor):
             if len(self.latent_shapes) == 1 and tuple(z.shape[1:]) == tuple(self.latent_shapes[0]):
-                return [z]
-            return self.unflatten_latent(z)
-        z = list(z)
+                z = [z]
+            else:
+                z = self.unflatten_latent(z)
+        else:
+            z = list(z)
         if len(z) != len(self.latent_shapes):
             raise ValueError(f"expected {len(self.latent_shapes)} latent tensors, got {len(z)}")
+        ref = next(self.parameters(), None)
         for i, (t, s) in enumerate(zip(z, self.latent_shapes)):
-            if tuple(t.shape[1:]) != tuple(s):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"latent {i} should be a torch.Tensor, got {type(t).__name__}")
+            if tuple(t.shape[1:]) != tuple(s) or t.dim() != len(s) + 1:
                 raise ValueError(f"latent {i} should have shape (N, {s}), got {tuple(t.shape)}")
+            if not t.is_floating_point():
+                raise TypeError(f"latent {i} should be a floating point tensor, got {t.dtype}")
+            if ref is not None:
+                check_dtype(t, ref, type(self).__name__, f"latent {i}")
+        if len({t.shape[0] for t in z}) > 1:
+            raise ValueError(f"the latents have different batch sizes: {[t.shape[0] for t in z]}")
         return z
 
     def sample_noise(self, n: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
         """Standard-normal noise for every latent level, on the model's device and dtype."""
+        n = check_count(n)
         ref = self._ref()
         out = []
         for s in self.latent_shapes:
@@ -149,7 +226,9 @@ class Flow(nn.Module):
 
     def sample(self, n: int | None = None, temperature: float = 1.0, noise=None,
                generator: torch.Generator | None = None) -> torch.Tensor:
-        """Decode ``temperature * noise``; noise is drawn if not given (list or flat tensor)."""
+        """Decode ``temperature * noise``; noise is drawn if not given (list or flat tensor). ``temperature``
+        must be a finite number >= 0; ``n = 0`` gives an empty batch."""
+        check_temperature(temperature)
         if noise is None:
             if n is None:
                 raise ValueError("sample() needs either n or noise")
@@ -161,7 +240,7 @@ class Flow(nn.Module):
 def standard_normal_logprob(z: list[torch.Tensor]) -> torch.Tensor:
     total = 0.0
     for t in z:
-        flat = t.reshape(t.shape[0], -1)
+        flat = t.flatten(1)  # (reshape(N, -1) fails for N = 0)
         buffer = scratch.out(flat.shape, flat)
         sq = flat.square() if buffer is None else torch.mul(flat, flat, out=buffer)
         total = total - 0.5 * (sq.sum(dim=1) + flat.shape[1] * _LOG_2PI)
@@ -195,7 +274,7 @@ class FlowStep(nn.Module):
             x = F.conv2d(x, w_a.view(*w_a.shape, 1, 1), bias)
         else:
             x = torch.addmm(bias, x, w_a.T, out=scratch.out(x.shape, x))
-        pixels = x[0, 0].numel() if x.dim() == 4 else 1
+        pixels = x.shape[2] * x.shape[3] if x.dim() == 4 else 1
         y, ld = self.coupling(x)
         return y, ld + (self.mix.log_s.sum() - self.actnorm.log_scale.sum()) * pixels  # Eq. 6 and 9 log-dets
 
@@ -223,8 +302,10 @@ class Glow(Flow):
             levels = 3 if len(shape) == 3 else 1
         if len(shape) not in (1, 3):
             raise ValueError(f"Glow shape must be (D,) or (C, H, W), got {shape}")
-        if levels < 1 or depth < 1:
-            raise ValueError(f"levels and depth must be >= 1, got levels={levels}, depth={depth}")
+        if min(shape) < 1:
+            raise ValueError(f"Glow: every size in shape must be >= 1, got shape={shape}")
+        for value, name in ((levels, "levels"), (depth, "depth"), (hidden, "hidden")):
+            _check_size(value, name, "Glow")
         self.input_shape, self.levels, self.depth, self.hidden = shape, levels, depth, hidden
         self.image = len(shape) == 3
         if not self.image:
@@ -345,8 +426,8 @@ class MAF(Flow):
 
     def __init__(self, dim: int, depth: int = 5, hidden: int = 32, batch_norm: bool = True):
         super().__init__()
-        if dim < 1 or depth < 1:
-            raise ValueError(f"dim and depth must be >= 1, got dim={dim}, depth={depth}")
+        for value, name in ((dim, "dim"), (depth, "depth"), (hidden, "hidden")):
+            _check_size(value, name, "MAF")
         self.input_shape = (int(dim),)
         self.latent_shapes = [(int(dim),)]
         self.depth, self.hidden = depth, hidden

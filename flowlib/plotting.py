@@ -1,9 +1,12 @@
 """Figures and tables for the notebooks: sample grids, temperature sweeps, interpolation strips (Eq. 16),
-training curves, 2-D densities of toy data, and results tables in the paper's layout (Tables 1, 2, 4, 6).
+training curves, 2-D densities of toy data, gap-closure bars, results tables in the paper's layout
+(Tables 1, 2, 4, 6), and the fast-mode banner every notebook shows.
 
 Every plot function returns its :class:`matplotlib.figure.Figure` (made with pyplot, so Jupyter shows
 it; close it with ``plt.close(fig)`` in loops) and, given ``path``, saves it atomically (temporary file
-+ ``os.replace``). Every figure has a title and axis labels with units.
++ ``os.replace``). Every figure has a title and axis labels with units. Figures use constrained layout,
+titles and axis labels longer than the figure are wrapped onto several lines, and :func:`save_figure`
+saves with ``bbox_inches="tight"``: no text is clipped, on screen or on disk.
 
 Images can be given in three conventions (``space``): ``"model"`` (GLOW model space, ``y = x - 0.5``
 in [-0.5, 0.5); shown as ``clamp(y + 0.5, 0, 1)``), ``"unit"`` (floats in [0, 1]) or ``"pixels"``
@@ -12,8 +15,10 @@ in [-0.5, 0.5); shown as ``clamp(y + 0.5, 0, 1)``), ``"unit"`` (floats in [0, 1]
 
 from __future__ import annotations
 
+import html
 import math
 import os
+import textwrap
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -29,9 +34,14 @@ from .metrics import format_cell
 from .results import atomic_write
 
 __all__ = [
+    "FAST_MODE_TEXT",
     "PAPER_ROW_ORDER",
+    "fast_mode_banner",
+    "fit_text",
+    "gap_closures",
     "image_grid",
     "plot_density_2d",
+    "plot_gap_closure",
     "plot_interpolation",
     "plot_sample_rows",
     "plot_samples",
@@ -54,8 +64,50 @@ def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 150) -> Path:
     return atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=dpi, bbox_inches="tight"))
 
 
+def _subplots(*args, **kwargs):
+    """``plt.subplots`` with constrained layout (room for tick labels, colour bars and outside legends)."""
+    return plt.subplots(*args, layout="constrained", **kwargs)
+
+
+def _out_of_figure(box, figure_box, slack: float = 0.5) -> bool:
+    return (box.x0 < figure_box.x0 - slack or box.x1 > figure_box.x1 + slack
+            or box.y0 < figure_box.y0 - slack or box.y1 > figure_box.y1 + slack)
+
+
+def fit_text(fig: Figure, rounds: int = 4) -> Figure:
+    """Wrap every axes title and axis label that reaches past the figure's edge onto several lines.
+
+    Constrained layout makes room *beside* the axes, but a y-label taller than the figure (or a title wider
+    than it) still runs off the edge; this rewraps such a text at the width that fits, measured after the
+    layout has run, and repeats until nothing sticks out (or ``rounds`` passes)."""
+    for _ in range(rounds):
+        fig.draw_without_rendering()  # runs the layout engine; text extents are final afterwards
+        changed = False
+        for ax in fig.axes:
+            for text, vertical in ((ax.title, False), (ax.xaxis.label, False), (ax.yaxis.label, True)):
+                words = text.get_text()
+                if not words or not text.get_visible():
+                    continue
+                box = text.get_window_extent()
+                if not _out_of_figure(box, fig.bbox):
+                    continue
+                lo, hi = (fig.bbox.y0, fig.bbox.y1) if vertical else (fig.bbox.x0, fig.bbox.x1)
+                centre = (box.y0 + box.y1) / 2 if vertical else (box.x0 + box.x1) / 2
+                room = 0.95 * 2 * max(min(centre - lo, hi - centre), 1.0)
+                length = box.height if vertical else box.width
+                longest = max(len(line) for line in words.split("\n"))
+                width = max(6, min(longest - 1, int(longest * room / length)))
+                wrapped = textwrap.fill(" ".join(words.split()), width)
+                if wrapped != words:
+                    text.set_text(wrapped)
+                    changed = True
+        if not changed:
+            break
+    return fig
+
+
 def _finish(fig: Figure, path) -> Figure:
-    fig.tight_layout()
+    fit_text(fig)
     if path is not None:
         save_figure(fig, path)
     return fig
@@ -100,7 +152,7 @@ def plot_samples(images: torch.Tensor, nrow: int = 8, title: str = "Samples", sp
     n, _, h, w = images.shape
     ncol = min(nrow, n)
     nrows = math.ceil(n / nrow)
-    fig, ax = plt.subplots(figsize=figsize or (max(3.0, 0.6 * ncol + 1), max(2.5, 0.6 * nrows + 1)))
+    fig, ax = _subplots(figsize=figsize or (max(3.0, 0.6 * ncol + 1), max(2.5, 0.6 * nrows + 1)))
     _show_grid(ax, grid)
     ax.set_title(title)
     ax.set_xlabel(f"sample (column), {w} px wide each")
@@ -127,7 +179,7 @@ def plot_sample_rows(samples: Mapping[str, torch.Tensor], title: str = "Samples"
         raise ValueError("every row needs the same number and shape of samples")
     grid = image_grid(torch.cat(rows), nrow=ncol, padding=padding, space=space)
     h, w = rows[0].shape[2:]
-    fig, ax = plt.subplots(figsize=(max(3.0, 0.6 * ncol + 1.5), max(2.5, 0.6 * len(labels) + 1)))
+    fig, ax = _subplots(figsize=(max(3.0, 0.6 * ncol + 1.5), max(2.5, 0.6 * len(labels) + 1)))
     _show_grid(ax, grid)
     ax.set_title(title)
     ax.set_yticks(_tick_centres(len(labels), h, padding), labels)
@@ -163,7 +215,7 @@ def plot_interpolation(strips: torch.Tensor, alphas: Sequence[float],
         raise ValueError(f"got {len(alphas)} alphas for {a} columns")
     grid = image_grid(strips.reshape(n * a, *strips.shape[2:]), nrow=a, padding=padding, space=space)
     h, w = strips.shape[3:]
-    fig, ax = plt.subplots(figsize=(max(3.0, 0.6 * a + 1.5), max(2.0, 0.6 * n + 1.2)))
+    fig, ax = _subplots(figsize=(max(3.0, 0.6 * a + 1.5), max(2.0, 0.6 * n + 1.2)))
     _show_grid(ax, grid)
     ax.set_title(title)
     ax.set_xticks(_tick_centres(a, w, padding), [f"{x:.2f}" for x in alphas])
@@ -191,7 +243,7 @@ def plot_training_curves(history: Sequence[Mapping[str, float]], keys: Iterable[
     keys = list(keys)
     if not keys:
         raise ValueError(f"history has no numeric metrics besides {x!r}")
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _subplots(figsize=(6, 4))
     for k in keys:
         pts = [(rec[x], rec[k]) for rec in history
                if k in rec and x in rec and rec[k] is not None and not _is_nan(rec[k])]
@@ -229,7 +281,7 @@ def plot_scatter_2d(data, samples=None, title: str = "Data and model samples", l
     sets = [_as_2d(data, "data")[:max_points]]
     if samples is not None:
         sets.append(_as_2d(samples, "samples")[:max_points])
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig, ax = _subplots(figsize=(5, 5))
     for pts, label, colour in zip(sets, labels, sns.color_palette(n_colors=2)):
         sns.scatterplot(x=pts[:, 0], y=pts[:, 1], ax=ax, s=6, alpha=0.5, color=colour, label=label,
                         edgecolor=None)
@@ -265,7 +317,7 @@ def plot_density_2d(log_prob: Callable[[torch.Tensor], torch.Tensor] | torch.nn.
         with torch.inference_mode():
             logp = log_prob(pts)
     dens = torch.exp(logp.detach().to("cpu", torch.float64)).reshape(grid_size, grid_size).numpy()
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    fig, ax = _subplots(figsize=(5.5, 4.5))
     dx = (xlim[1] - xlim[0]) / (2 * max(grid_size - 1, 1))
     dy = (ylim[1] - ylim[0]) / (2 * max(grid_size - 1, 1))
     im = ax.imshow(dens, origin="lower", cmap="viridis", aspect="auto",
@@ -278,6 +330,142 @@ def plot_density_2d(log_prob: Callable[[torch.Tensor], torch.Tensor] | torch.nn.
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     return _finish(fig, path)
+
+
+def gap_closures(summary, by: Sequence[str] = ("arch", "dataset"), teacher: str = "teacher",
+                 student: str = "nll") -> pd.DataFrame:
+    """The gap closure of every distilled row of a summary, and whether it means anything.
+
+    ``summary`` is :func:`flowlib.experiments.summarise`'s table (or its records): one row per ``by`` + model
+    with the ``mean``, ``std`` and ``count`` over seeds; the ``teacher`` and plain ``student`` rows of each
+    ``by`` group are the references. For every other row:
+
+    * ``gap`` = teacher mean − student mean, ``gap_spread`` = teacher std + student std (seed standard
+      deviations, 0 for one seed);
+    * ``gap_closure`` = (mean − student mean) / ``gap`` (as ``summarise`` computes it; 1 = as good as the
+      teacher), and ``closure_err`` = the row's std / ``|gap|``;
+    * ``defined`` is True only if ``gap > gap_spread``: the teacher beats the plain student beyond the seed
+      spread. Otherwise there is no gap to close and the ratio divides by noise (e.g. MAF teachers on patches
+      that are no better than their students give "closures" of −52): :func:`plot_gap_closure` draws no bar
+      for it, and tables should not quote it.
+
+    ``setting`` joins the ``by`` values, last first, for labels ("magic / GLOW"); ``label`` is the summary's
+    label or the model name.
+    """
+    frame = pd.DataFrame(summary).copy()
+    by = list(by)
+    if "label" not in frame:
+        frame["label"] = frame["model"]
+    frame["label"] = frame["label"].fillna(frame["model"])
+    refs = frame.set_index([*by, "model"])
+    out = []
+    for _, r in frame[~frame.model.isin([teacher, student])].iterrows():
+        key = tuple(r[b] for b in by)
+        try:
+            t, s = refs.loc[(*key, teacher)], refs.loc[(*key, student)]
+        except KeyError:
+            continue  # no references for this group: nothing to compare with
+        gap = float(t["mean"] - s["mean"])
+        spread = float(t["std"] + s["std"])
+        closure = (float(r["mean"]) - float(s["mean"])) / gap if gap != 0 else math.nan
+        out.append({**{b: r[b] for b in by}, "model": r["model"], "label": r["label"],
+                    "setting": " / ".join(str(v).upper() if b == "arch" else str(v)
+                                          for b, v in reversed(list(zip(by, key)))),
+                    "mean": float(r["mean"]), "std": float(r["std"]), "gap": gap, "gap_spread": spread,
+                    "gap_closure": closure, "closure_err": float(r["std"]) / abs(gap) if gap else math.nan,
+                    "defined": bool(gap > spread and math.isfinite(closure))})
+    columns = [*by, "model", "label", "setting", "mean", "std", "gap", "gap_spread", "gap_closure",
+               "closure_err", "defined"]
+    return pd.DataFrame(out, columns=columns)
+
+
+def plot_gap_closure(closures, y: str = "setting", hue: str = "label",
+                     title: str = "Gap closure of distilled students",
+                     xlabel: str = "gap closure: (distilled − student) / (teacher − student)",
+                     ylabel: str = "", path=None, figsize: tuple[float, float] | None = None) -> Figure:
+    """Horizontal bars of gap closures (:func:`gap_closures`' table): one group per ``y`` value, one bar per
+    ``hue`` value, with the distilled student's seed spread (std / gap) as error bars; reference lines at 0
+    (no help), 0.5 (half the gap) and 1 (as good as the teacher). Rows that are not ``defined`` (no
+    teacher–student gap beyond the seed spread) get no bar, only an "n/a" mark: their ratio is not a number
+    worth drawing. The legend sits outside the axes, so it hides no bar."""
+    frame = pd.DataFrame(closures)
+    if frame.empty:
+        raise ValueError("no gap closures to plot")
+    cats = list(dict.fromkeys(frame[y]))
+    hues = list(dict.fromkeys(frame[hue]))
+    height = 0.8 / len(hues)
+    fig, ax = _subplots(figsize=figsize or (8.0, 0.25 * len(frame) + 0.2 * len(cats) + 1.5))
+    colours = sns.color_palette(n_colors=max(len(hues), 1))
+    undefined = False
+    for j, (name, colour) in enumerate(zip(hues, colours)):
+        part = frame[frame[hue] == name]
+        pos = [cats.index(v) - 0.4 + height * (j + 0.5) for v in part[y]]
+        ok = [bool(d) and math.isfinite(c) for d, c in zip(part["defined"], part["gap_closure"])]
+        xs = [float(c) for c, k in zip(part["gap_closure"], ok) if k]
+        spread = part["closure_err"] if "closure_err" in part else [0.0] * len(part)
+        errs = [float(e) if math.isfinite(e) else 0.0 for e, k in zip(spread, ok) if k]
+        ax.barh([p for p, k in zip(pos, ok) if k], xs, height=0.9 * height, xerr=errs or None, color=colour,
+                label=str(name), error_kw={"lw": 0.8, "capsize": 2})
+        for p, k in zip(pos, ok):
+            if not k:
+                undefined = True
+                ax.annotate("n/a", (0.0, p), xytext=(3, 0), textcoords="offset points", va="center",
+                            ha="left", fontsize=7, color="0.35")
+    ax.axvline(0.0, color="black", lw=0.8)
+    ax.axvline(0.5, color="tab:red", ls="--", lw=1, label="half the gap")
+    ax.axvline(1.0, color="tab:green", ls=":", lw=1, label="as good as the teacher")
+    ax.set_yticks(range(len(cats)), [str(c) for c in cats])
+    ax.set_ylim(len(cats) - 0.5, -0.5)  # first group on top
+    ax.grid(axis="y", visible=False)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    handles, labels = ax.get_legend_handles_labels()
+    if undefined:
+        from matplotlib.lines import Line2D
+
+        handles.append(Line2D([], [], ls="none"))
+        labels.append("n/a: no teacher–student gap\nbeyond the seed spread")
+    ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8)
+    return _finish(fig, path)
+
+
+#: The text of :func:`fast_mode_banner`.
+FAST_MODE_TEXT = ("FAST MODE: tiny models and few steps; numbers and figures below are not meaningful "
+                  "results.")
+
+
+class _Banner:
+    """A warning box in Jupyter (HTML) with a plain-text form for consoles and executed-notebook text."""
+
+    def __init__(self, text: str, detail: str):
+        self.text, self.detail = text, detail
+
+    def _repr_html_(self) -> str:
+        return ('<div style="border: 2px solid #c0392b; background: #fdecea; color: #7b241c; '
+                'padding: 0.6em 1em; margin: 0.4em 0; border-radius: 4px; font-size: 1.05em;">'
+                f"<b>⚠ {html.escape(self.text)}</b><br><span style=\"font-size: 0.9em\">"
+                f"{html.escape(self.detail)}</span></div>")
+
+    def __repr__(self) -> str:
+        return f"⚠ {self.text}\n  {self.detail}"
+
+
+def fast_mode_banner(fast: bool) -> None:
+    """Show a warning box, when ``fast`` is true, saying that the notebook's numbers are not results.
+
+    Every notebook calls it right below its parameters cell: the stored defaults are fast mode (seconds
+    instead of tens of minutes; results go to ``results/fast``), and a reader must not take the numbers of
+    a tiny model trained for a few steps for the reproduction's. Nothing is shown at full scale."""
+    if not fast:
+        return None
+    banner = _Banner(FAST_MODE_TEXT,
+                     "Full scale: python -m flowlib.run -f configs/cpu.yaml --jobs 2 --threads 1 (writes "
+                     "results/; see the README), or set fast = False, results_dir = \"results\" and "
+                     "checkpoint_dir = \"checkpoints\" in the parameters cell. The committed full-scale "
+                     "numbers are in results/*.json and results/REPORT.md.")
+    from IPython.display import display
+
+    display(banner)
+    return None
 
 
 def _cell(value, digits: int) -> str:

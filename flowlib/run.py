@@ -1,41 +1,60 @@
-"""``python -m flowlib.run``: execute the notebooks in order with papermill.
+"""Execute the notebooks in order with papermill: python -m flowlib.run.
 
-Examples::
+Examples:
 
-    python -m flowlib.run --fast                 # every notebook, tiny models (what CI and `make demo` run)
+    python -m flowlib.run --fast                 # every notebook, tiny models (what CI and make demo run)
     python -m flowlib.run --only 05 --only 06    # some notebooks
     python -m flowlib.run -p seed 3 -p steps 2000
+    python -m flowlib.run --only 04 -p archs '[maf]'   # a list parameter takes a list
     python -m flowlib.run -f configs/cpu.yaml    # parameters from a file (a mapping of name -> value)
     python -m flowlib.run -f configs/cpu.yaml --jobs 2 --threads 1   # two notebooks at a time
 
-Executed notebooks go to ``runs/<timestamp>/``. With ``--jobs N``, N notebooks run at once, in order of
-their numbers; a notebook whose metadata says ``{"flowlib": {"run_after_others": true}}`` (the results
-notebook, which reads everyone's results) waits until all the others have finished. Two notebooks that need
-the same model do not both train it: :func:`flowlib.train.train_or_load` holds a lock per configuration.
+Executed notebooks go to runs/<timestamp>/. With --jobs N, N notebooks run at once, in order of their
+numbers; a notebook whose metadata says {"flowlib": {"run_after_others": true}} (the results notebook, which
+reads everyone's results) waits until all the others have finished. Two notebooks that need the same model
+do not both train it: flowlib.train.train_or_load holds a lock per configuration.
 
-A parameter that none of the selected notebooks declares is rejected before anything runs (papermill
-itself would only warn). The first failing notebook stops the run
-with its name and the failing cell, and the exit status is non-zero.
+Parameters are checked before anything runs (papermill itself would only warn). A -p name must be declared
+by one of the selected notebooks; a name in a -f file by some notebook of the folder, so that one file serves
+the whole run and any part of it. Each value must have the type of the notebook's default: a list parameter
+takes a list (-p archs '[maf]'), an int parameter an int.
+
+The first failing notebook stops the run with its name and the failing cell as Jupyter shows it (In [n]);
+the exit status is 1. Ctrl-C (SIGINT) or SIGTERM stops the running notebooks and their kernels within
+seconds, records them as interrupted in run.json and exits with 130 or 143; the same command then resumes
+from the checkpoints already trained.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import functools
 import os
+import pickle
 import platform
+import signal
+import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
 import yaml
 
-from .results import _git_commit, atomic_write_json, project_path
+from .results import _git_commit, atomic_write_json, project_path, repo_root
 
 NOTEBOOK_DIR = "notebooks"
 
 # What --fast sets in every notebook that declares these parameters.
 FAST_PARAMETERS = {"fast": True, "results_dir": "results/fast", "checkpoint_dir": "checkpoints/fast"}
+
+# The signals that stop a run cleanly (Ctrl-C, kill).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+# How long a stopped notebook's worker and kernel get to exit after SIGTERM before SIGKILL.
+STOP_GRACE_SECONDS = 3.0
 
 
 class RunnerError(RuntimeError):
@@ -49,6 +68,7 @@ def discover(notebook_dir: str | Path = NOTEBOOK_DIR) -> list[Path]:
 
 
 def select(notebooks: list[Path], only: list[str] | None) -> list[Path]:
+    """The notebooks whose names start with one of ``only`` (all of them if ``only`` is empty), in order."""
     if not only:
         return notebooks
     chosen = []
@@ -74,42 +94,198 @@ def _inspect(path: str, mtime_ns: int) -> dict:
 
 
 def parse_value(text: str):
-    """``-p`` values are read as YAML scalars: 3 -> int, 0.5 -> float, true -> bool, else string."""
+    """``-p`` values are read as YAML: 3 -> int, 0.5 -> float, true -> bool, [a, b] -> list, else string."""
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
         return text
 
 
-def build_parameters(notebooks: list[Path], cli: dict, fast: bool,
-                     known_from: list[Path] | None = None) -> dict[Path, dict]:
-    """Per-notebook parameters; raises :class:`RunnerError` for names that no notebook of ``known_from``
-    (default: the selected ones) declares. With ``--only``, the runner checks against every notebook in
-    the folder, so one parameter file serves the whole run and any part of it."""
+def load_parameters_file(path: str | Path) -> dict:
+    """The mapping of parameter names to values in the YAML file ``path`` (relative to the current folder);
+    :class:`RunnerError`, with a one-line reason, if it cannot be read or is not such a mapping."""
+    path = Path(path).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise RunnerError(f"parameters file {path} is not a text (UTF-8) file") from None
+    except OSError as err:
+        raise RunnerError(f"cannot read parameters file {path}: {err.strerror or err}") from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err)
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise RunnerError(" ".join(f"parameters file {path} is not valid YAML: {problem}{where}".split())) \
+            from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise RunnerError(f"parameters file {path} must hold a mapping of parameter names to values, "
+                          f"not a {_type_name(loaded)}")
+    odd = [k for k in loaded if not isinstance(k, str)]
+    if odd:
+        raise RunnerError(f"parameters file {path}: parameter names must be text, got {odd[0]!r}")
+    return loaded
+
+
+_TYPE_NAMES = {bool: "bool", int: "int", float: "float", str: "str", list: "list", dict: "mapping"}
+
+
+def _type_name(value) -> str:
+    return "null" if value is None else _TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+def _fits(value, default) -> bool:
+    """Whether ``value`` has the type of a notebook's ``default``: an int default takes an int (not a
+    bool), a float default an int or a float, a bool only a bool, a str only a str, a mapping a mapping, a
+    list a list whose elements each fit one of the default's elements (any list if the default is empty).
+    A None default, or one of another type, takes anything."""
+    if default is None:
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, str):
+        return isinstance(value, str)
+    if isinstance(default, (list, tuple)):
+        return isinstance(value, (list, tuple)) and (
+            not default or all(any(_fits(v, d) for d in default) for v in value))
+    if isinstance(default, dict):
+        return isinstance(value, dict)
+    return True
+
+
+def _as_default_type(value, default):
+    """``value`` (which fits ``default``) with ints made floats where the default is a float: the same
+    configuration then reads (and hashes, for checkpoints) the same however it was written."""
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(default, (list, tuple)) and default and all(isinstance(d, float) for d in default):
+        return [_as_default_type(v, default[0]) for v in value]
+    return value
+
+
+def _expected(default) -> str:
+    """What a parameter with this default takes, in words: "an int", "a list of str"..."""
+    if isinstance(default, (list, tuple)):
+        kinds = {_type_name(d) for d in default}
+        return "a list" + (f" of {kinds.pop()}" if len(kinds) == 1 else "")
+    name = _type_name(default)
+    return f"{'an' if name == 'int' else 'a'} {name}"
+
+
+def check_value(notebook: str, name: str, spec: dict, value, text: str | None = None,
+                source: str | None = None):
+    """``value`` for parameter ``name`` of ``notebook``, whose declaration papermill read as ``spec``, checked
+    against the type of the declared default (:func:`_fits`); :class:`RunnerError` naming the parameter if it
+    does not fit. ``text`` is the value as typed after ``-p``: a str parameter takes it as it is
+    (``-p results_dir 2024``), and a list parameter given one element is told how to write the list.
+    ``source`` names where a value that did not come from ``-p`` came from (a parameters file)."""
+    try:
+        default = ast.literal_eval(spec.get("default", "None"))
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return value  # not a literal: nothing to compare with
+    if isinstance(default, str) and text is not None and not isinstance(value, str):
+        return text
+    if _fits(value, default):
+        return _as_default_type(value, default)
+    got = "null" if value is None else f"the {_type_name(value)} {value!r}"
+    where = "" if text is not None or source is None else f" (in {source})"
+    message = (f"parameter {name!r} of {notebook}{where} expects {_expected(default)} such as "
+               f"{spec['default']}, got {got}")
+    if isinstance(default, (list, tuple)) and not isinstance(value, (list, tuple)) and text is not None:
+        message += f"; write -p {name} '[{text}]'"
+    raise RunnerError(message)
+
+
+def build_parameters(notebooks: list[Path], cli: dict, fast: bool, known_from: list[Path] | None = None,
+                     from_file: dict | None = None, file_name: str = "the parameters file",
+                     cli_text: dict[str, str] | None = None) -> dict[Path, dict]:
+    """Per-notebook parameters, checked before anything runs; :class:`RunnerError` if a check fails.
+
+    ``cli`` holds the values given on the command line: each name must be declared by one of ``notebooks``
+    (the selected ones). ``from_file`` holds the values of a parameters file (``file_name``): each name must
+    be declared by some notebook of ``known_from`` (default: ``notebooks``), so that one file serves the whole
+    folder and any part of it; command-line values win over the file's. Every value must fit the type of the
+    default its notebook declares (:func:`check_value`); ``cli_text`` is each command-line value as typed.
+    """
     declared = {p: declared_parameters(p) for p in notebooks}
-    reference = declared if known_from is None else {p: declared_parameters(p) for p in known_from}
-    known = set().union(*[set(d) for d in reference.values()]) if reference else set()
-    unknown = sorted(set(cli) - known)
+    selected = set().union(*[set(d) for d in declared.values()])
+    from_file, cli_text = from_file or {}, cli_text or {}
+    if from_file:
+        reference = declared if known_from is None else {p: declared_parameters(p) for p in known_from}
+        known = set().union(*[set(d) for d in reference.values()])
+        unknown = sorted(set(from_file) - known)
+        if unknown:
+            raise RunnerError(f"unknown parameter(s) {', '.join(unknown)} in {file_name}: no notebook "
+                              f"declares them. Declared parameters: {', '.join(sorted(known))}")
+    unknown = sorted(set(cli) - selected)
     if unknown:
-        raise RunnerError(
-            f"unknown parameter(s) {', '.join(unknown)}: no notebook declares them. "
-            f"Declared parameters: {', '.join(sorted(known))}"
-        )
+        elsewhere = {name: [p.stem for p in known_from or [] if name in declared_parameters(p)]
+                     for name in unknown}
+        nowhere = [name for name in unknown if not elsewhere[name]]
+        problems = []
+        if nowhere:
+            problems.append(f"unknown parameter(s) {', '.join(nowhere)}: no notebook declares them.")
+        for name in unknown:
+            if elsewhere[name]:
+                problems.append(f"parameter {name} is declared only by {', '.join(elsewhere[name])}, which "
+                                f"--only did not select.")
+        raise RunnerError(" ".join(problems) + f" Declared parameters: {', '.join(sorted(selected))}")
     per_notebook = {}
     for path, names in declared.items():
         params = {k: v for k, v in FAST_PARAMETERS.items() if fast and k in names}
-        params.update({k: v for k, v in cli.items() if k in names})
+        for name, value in from_file.items():
+            if name in names and name not in cli:  # a -p value replaces the file's
+                params[name] = check_value(path.stem, name, names[name], value, source=file_name)
+        for name, value in cli.items():
+            if name in names:
+                params[name] = check_value(path.stem, name, names[name], value, text=cli_text.get(name))
         per_notebook[path] = params
     return per_notebook
 
 
-def _execute(path: str, out: str, parameters: dict, kernel: str) -> tuple[float, tuple | None]:
-    """Run one notebook with papermill: ``(seconds, None)``, or ``(seconds, (cell, ename, evalue))`` if a
-    cell raised. A plain function of plain values, so a worker process can run it (``--jobs``)."""
+def _display(path: Path) -> str:
+    """``path`` relative to the repository when it lies inside it (what run.json and messages show)."""
+    try:
+        return str(Path(path).resolve().relative_to(repo_root().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _worker() -> None:
+    """A notebook's worker process. :class:`_Worker` runs this function's source with ``python -c`` (it
+    imports nothing from flowlib, so a worker does not import torch): it reads the pickled
+    ``(notebook, output, parameters, kernel, result_file)`` from stdin, executes the notebook with papermill
+    and writes the pickled ``(seconds, error)`` to ``result_file``; ``error`` is None, or ``(execution count,
+    cell index, cell source, exception name, message)`` for the failing cell."""
+    import os
+    import pickle
+    import sys
+    import threading
+    import time
+    from pathlib import Path
+
+    path, out, parameters, kernel, result = pickle.load(sys.stdin.buffer)
+    start = time.perf_counter()
+    runner = os.getppid()
+
+    def orphaned() -> None:  # the runner was killed (SIGKILL) before it could stop this worker: end too,
+        while os.getppid() == runner:  # and the kernel, which watches this process, ends a second later
+            time.sleep(1)
+        os._exit(1)
+
+    threading.Thread(target=orphaned, daemon=True).start()
+
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
-    start = time.perf_counter()
+    error = None
     try:
         papermill.execute_notebook(
             path, out, parameters=parameters, kernel_name=kernel, cwd=str(Path(path).parent),
@@ -118,8 +294,108 @@ def _execute(path: str, out: str, parameters: dict, kernel: str) -> tuple[float,
             extra_arguments=["--IPKernelApp.log_level=ERROR"],
         )
     except PapermillExecutionError as err:
-        return time.perf_counter() - start, (err.cell_index, err.ename, err.evalue)
-    return time.perf_counter() - start, None
+        error = (err.exec_count, err.cell_index, err.source, err.ename, err.evalue)
+    except Exception as err:  # the kernel died, papermill could not start it...: the notebook failed
+        error = (None, None, "", type(err).__name__, str(err))
+    Path(result).write_bytes(pickle.dumps((time.perf_counter() - start, error)))
+
+
+@functools.cache
+def _worker_code() -> str:
+    import inspect
+    import textwrap
+
+    return f"# flowlib.run worker\n{textwrap.dedent(inspect.getsource(_worker))}\n_worker()\n"
+
+
+class _Worker:
+    """One notebook executing in a child process that leads a process session of its own, so that a Ctrl-C
+    in the terminal reaches only the runner, which then stops the worker and its kernel (:func:`_stop`)."""
+
+    def __init__(self, path: Path, output: Path, parameters: dict, kernel: str):
+        self.path, self.output = path, output
+        fd, self._result = tempfile.mkstemp(prefix="flowlib-run-", suffix=".pickle")
+        os.close(fd)
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen([sys.executable, "-c", _worker_code()], stdin=subprocess.PIPE,
+                                     start_new_session=True)
+        try:
+            with self.proc.stdin as pipe:
+                pickle.dump((str(path), str(output), parameters, kernel, self._result), pipe)
+        except BrokenPipeError:
+            pass  # the worker died at once: outcome() says so
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+    def outcome(self) -> tuple[float, tuple | None]:
+        """``(seconds, error)`` of a worker that has exited (see :func:`_worker`)."""
+        took = self.seconds()
+        try:
+            took, error = pickle.loads(Path(self._result).read_bytes())
+        except (OSError, EOFError, pickle.UnpicklingError):
+            error = (None, None, "", "WorkerError",
+                     f"its worker process exited with status {self.proc.returncode} (see the messages above)")
+        Path(self._result).unlink(missing_ok=True)
+        return took, error
+
+    def discard(self) -> None:
+        Path(self._result).unlink(missing_ok=True)
+
+
+def _stop(workers: list[_Worker], grace: float = STOP_GRACE_SECONDS) -> None:
+    """End ``workers`` and every process they started, kernels included: SIGTERM to each of their process
+    groups (a Jupyter kernel leads a session of its own), SIGKILL to what is left after ``grace`` seconds."""
+    try:
+        import psutil
+    except ImportError:  # then only the workers' groups: a kernel exits by itself once its parent has gone
+        psutil = None
+    below = []
+    for w in workers:
+        if psutil is not None:
+            try:
+                below += psutil.Process(w.proc.pid).children(recursive=True)
+            except psutil.Error:
+                pass
+    groups = {w.proc.pid for w in workers}  # each worker leads its own group (start_new_session)
+    for p in below:
+        try:
+            groups.add(os.getpgid(p.pid))
+        except OSError:
+            pass
+    groups.discard(os.getpgrp())
+
+    def alive() -> bool:
+        if any(w.proc.poll() is None for w in workers):
+            return True
+        for p in below:
+            try:
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    return True
+            except psutil.Error:
+                pass
+        return False
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for group in groups:
+            try:
+                os.killpg(group, sig)
+            except OSError:
+                pass
+        if sig == signal.SIGKILL:
+            for p in below:  # in case one left its group
+                try:
+                    p.kill()
+                except psutil.Error:
+                    pass
+        deadline = time.monotonic() + grace
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not alive():
+            break
+    for w in workers:
+        w.proc.wait()
+        w.discard()
 
 
 def runs_after_others(path: Path) -> bool:
@@ -131,85 +407,149 @@ def runs_after_others(path: Path) -> bool:
 
 
 def run(notebooks: list[Path], parameters: dict[Path, dict], output_dir: Path, kernel: str = "python3",
-        log=print, on_progress=None, jobs: int = 1) -> list[dict]:
-    """Execute ``notebooks`` in order (``jobs`` at a time); ``on_progress(summary)`` is called after each
-    one. The first failure stops the run with :class:`NotebookFailed` (notebooks already running finish)."""
+        log=print, on_progress=None, jobs: int = 1, stop=None) -> list[dict]:
+    """Execute ``notebooks`` in order, ``jobs`` at a time, each in a worker process of its own (with its
+    kernel); ``on_progress(summary)`` is called after each one. The first failure stops the run with
+    :class:`NotebookFailed` (notebooks already running finish first). ``stop()``, polled while notebooks
+    run, returns a signal number to stop everything at once: the running notebooks and their kernels are
+    ended, recorded as interrupted, and :class:`Interrupted` is raised."""
     output_dir.mkdir(parents=True, exist_ok=True)
     summary: list[dict] = []
     total = len(notebooks)
+    failure: list[NotebookFailed] = []
 
-    def record(path: Path, took: float, error) -> None:
+    def record(path: Path, took: float, status: str, error=None) -> None:
         done = len(summary) + 1
-        if error is None:
-            log(f"[{done}/{total}] {path.stem} ok ({took:.1f} s)")
-            summary.append({"notebook": path.stem, "seconds": took, "status": "ok",
-                            "parameters": parameters[path]})
+        entry = {"notebook": path.stem, "seconds": took, "status": status}
+        if status == "ok":
+            log(f"[{done}/{total}] {path.stem} ok ({took:.1f} s)", flush=True)
+            entry["parameters"] = parameters[path]
         else:
-            log(f"[{done}/{total}] {path.stem} FAILED after {took:.1f} s")
-            summary.append({"notebook": path.stem, "seconds": took, "status": "failed"})
+            log(f"[{done}/{total}] {path.stem} {status.upper()} after {took:.1f} s", flush=True)
+        summary.append(entry)
         atomic_write_json(output_dir / "summary.json", summary)
         if on_progress:
             on_progress(summary)
-        if error is not None:
-            raise NotebookFailed(path, *error, output_dir / path.name)
+        if error is not None and not failure:
+            failure.append(NotebookFailed(path, error, output_dir / path.name))
 
-    if jobs > 1:
-        last = [p for p in notebooks if runs_after_others(p)]
-        _run_parallel([p for p in notebooks if p not in last], parameters, output_dir, kernel, jobs, log,
-                      record)
-    else:
-        last = notebooks
-    for path in last:
-        log(f"{path.stem} ...", flush=True)
-        took, error = _execute(str(path), str(output_dir / path.name), parameters[path], kernel)
-        record(path, took, error)
+    last = [p for p in notebooks if jobs > 1 and runs_after_others(p)]
+    running: list[_Worker] = []
+    try:
+        for batch, width in (([p for p in notebooks if p not in last], jobs), (last, 1)):
+            pending = list(batch)
+            while True:
+                for w in [w for w in running if w.proc.poll() is not None]:
+                    running.remove(w)
+                    took, error = w.outcome()
+                    record(w.path, took, "ok" if error is None else "failed", error)
+                signum = stop() if stop else None
+                if signum:
+                    raise Interrupted(signum, [], output_dir)
+                while pending and not failure and len(running) < width:
+                    path = pending.pop(0)
+                    log(f"{path.stem} {'...' if width == 1 else 'started'}", flush=True)
+                    running.append(_Worker(path, output_dir / path.name, parameters[path], kernel))
+                if not running:
+                    break
+                time.sleep(0.1)
+            if failure:
+                raise failure[0]
+    except Interrupted as err:
+        stopped = [(w.path, w.seconds()) for w in running]
+        _stop(running)
+        for path, took in stopped:
+            record(path, took, "interrupted")
+        raise Interrupted(err.signum, stopped, output_dir) from None
+    except BaseException:
+        _stop(running)  # whatever went wrong here, no worker or kernel outlives the runner
+        raise
     return summary
 
 
-def _run_parallel(notebooks: list[Path], parameters, output_dir: Path, kernel: str, jobs: int, log,
-                  record) -> None:
-    import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-
-    pending = list(notebooks)
-    running = {}
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        try:
-            while pending or running:
-                while pending and len(running) < jobs:
-                    path = pending.pop(0)
-                    log(f"{path.stem} started", flush=True)
-                    running[pool.submit(_execute, str(path), str(output_dir / path.name), parameters[path],
-                                        kernel)] = path
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in done:
-                    took, error = future.result()
-                    record(running.pop(future), took, error)
-        except NotebookFailed:
-            pending.clear()  # nothing new starts; the notebooks already running finish and are recorded
-            for future in wait(running).done:
-                took, error = future.result()
-                try:
-                    record(running[future], took, error)
-                except NotebookFailed:
-                    pass  # the first failure is the one reported
-            raise
-
-
 class NotebookFailed(RuntimeError):
-    def __init__(self, path: Path, cell: int, ename: str, evalue: str, output: Path):
-        self.path, self.cell, self.ename, self.evalue, self.output = path, cell, ename, evalue, output
-        super().__init__(
-            f"notebook {path.name} failed in cell {cell}: {ename}: {evalue}\n"
-            f"the executed notebook with the traceback is at {output}"
-        )
+    """A notebook raised: names the cell as Jupyter shows it (In [n]) and where the executed notebook is."""
+
+    def __init__(self, path: Path, error: tuple, output: Path):
+        exec_count, cell_index, source, ename, evalue = error
+        self.path, self.output, self.ename, self.evalue = path, output, ename, evalue
+        self.exec_count, self.cell_index = exec_count, cell_index
+        cell = ""
+        if exec_count is not None:
+            cell = f" in cell In [{exec_count}]"
+        elif cell_index is not None:
+            cell = f" in cell {cell_index + 1} of the executed notebook"
+        lines = [f"notebook {path.name} failed{cell}: {ename}: {evalue}"]
+        first = next((line.strip() for line in (source or "").splitlines() if line.strip()), None)
+        if first:
+            number = _code_cell_number(path, source)
+            which = f" (code cell {number} of {_display(path)})" if number else ""
+            lines.append(f"  that cell{which} starts: {first}")
+        lines.append(f"  the executed notebook, with the traceback, is at {_display(output)}")
+        super().__init__("\n".join(lines))
+
+
+def _code_cell_number(path: Path, source: str) -> int | None:
+    """The number (from 1) of the code cell of notebook ``path`` whose source is ``source``, if one is."""
+    import json
+
+    try:
+        cells = json.loads(Path(path).read_text()).get("cells", [])
+        cells = [c for c in cells if c.get("cell_type") == "code"]
+    except (OSError, ValueError, AttributeError):
+        return None
+    for number, cell in enumerate(cells, 1):
+        text = cell.get("source", "")
+        if (text if isinstance(text, str) else "".join(text)) == source:
+            return number
+    return None
+
+
+class Interrupted(RuntimeError):
+    """SIGINT or SIGTERM stopped the run; ``stopped`` holds the notebooks then running, with their seconds."""
+
+    def __init__(self, signum: int, stopped: list[tuple[Path, float]], output_dir: Path):
+        self.signum, self.stopped = signum, stopped
+        name = signal.Signals(signum).name
+        if stopped:
+            which = ", ".join(f"{p.stem} (after {took:.1f} s)" for p, took in stopped)
+            message = (f"{which} {'was' if len(stopped) == 1 else 'were'} stopped by {name}; the partly "
+                       f"executed notebook{'s are' if len(stopped) > 1 else ' is'} in {_display(output_dir)}")
+        else:
+            message = f"stopped by {name} while no notebook was running"
+        super().__init__(f"{message}. Finished notebooks and trained checkpoints are kept: running the same "
+                         "command again resumes from them.")
+
+
+class _Signals:
+    """While active (a ``with`` block), SIGINT and SIGTERM are only recorded: :meth:`received` is polled
+    where the runner can stop cleanly (before starting, and between checks of its running notebooks)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> _Signals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+
+    def received(self) -> int | None:
+        return self.signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
 def _results_dir(notebooks: list[Path], params: dict[Path, dict]) -> Path | None:
     """The folder the notebooks write their results to (their ``results_dir`` parameter, as given or as
     declared), where ``run.json`` goes; None if no selected notebook has that parameter."""
-    import ast
-
     for path in notebooks:
         declared = declared_parameters(path)
         if "results_dir" in declared:
@@ -227,6 +567,7 @@ class _Manifest:
     notebook: running ``--only 08`` later replaces notebook 08's entry and leaves the others as they were.
     ``invocations`` keeps every invocation that wrote to the folder (command, commit, start, wall time and the
     notebooks it ran), oldest first, so a full run's wall clock is not lost when one notebook is re-run.
+    Paths inside the repository are recorded relative to it, so the file reads the same on any machine.
     """
 
     def __init__(self, results_dir: Path, output_dir: Path, argv: list[str]):
@@ -237,7 +578,7 @@ class _Manifest:
             "command": " ".join(["python -m flowlib.run", *argv]),
             "commit": _git_commit(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "executed_notebooks": str(output_dir),
+            "executed_notebooks": _display(output_dir),
         }
         self.machine = {"node": platform.node(), "arch": platform.machine(), "cpus": os.cpu_count(),
                         "python": platform.python_version(),
@@ -262,9 +603,13 @@ class _Manifest:
         notebooks = notebooks if isinstance(notebooks, dict) else {}
         return notebooks, history if isinstance(history, list) else []
 
-    def finish(self, seconds: float) -> None:
+    def finish(self, seconds: float, signum: int | None = None) -> None:
+        """Record the end of the invocation; ``signum``: the signal that interrupted it, if one did."""
         self.invocation["wall_seconds"] = round(seconds, 1)
         self.invocation["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        if signum:
+            self.invocation["interrupted"] = True
+            self.invocation["signal"] = signal.Signals(signum).name
         self.write()
 
     def write(self) -> None:
@@ -288,66 +633,100 @@ class _Manifest:
         atomic_write_json(self.path, record)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flowlib.run", description=__doc__.split("\n")[0])
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m flowlib.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fast", action="store_true", help="tiny models and few steps (same code paths)")
     parser.add_argument("--only", action="append", metavar="NN", help="run only notebooks starting with NN")
-    parser.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"), default=[])
-    parser.add_argument("-f", "--parameters-file", metavar="YAML", help="a YAML mapping of parameters")
-    parser.add_argument("--output-dir", help="where executed notebooks go (default runs/<timestamp>)")
-    parser.add_argument("--kernel", default="python3")
-    parser.add_argument("--notebook-dir", default=NOTEBOOK_DIR, help="folder of NN_*.ipynb notebooks")
+    parser.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"), default=[],
+                        help="set a parameter of the notebooks that declare it; VALUE is read as YAML "
+                             "(3, 0.5, true, '[glow, maf]', text)")
+    parser.add_argument("-f", "--parameters-file", metavar="YAML",
+                        help="a YAML mapping of parameter names to values (-p wins over it); a relative "
+                             "path is taken from the current folder")
+    parser.add_argument("--output-dir", help="where executed notebooks go (default runs/<timestamp>; a "
+                                             "relative path is taken from the repository root)")
+    parser.add_argument("--kernel", default="python3", help="Jupyter kernel to run them in (default python3)")
+    parser.add_argument("--notebook-dir", default=NOTEBOOK_DIR,
+                        help="folder of NN_*.ipynb notebooks (default notebooks, in the repository root)")
     parser.add_argument("--list", action="store_true", help="list notebooks and their parameters, then exit")
     parser.add_argument("--threads", type=int, metavar="N",
                         help="torch threads in every notebook (sets FLOWLIB_THREADS; default: torch's own)")
     parser.add_argument("--jobs", type=int, default=1, metavar="N",
                         help="notebooks run at once (default 1); use with --threads so that jobs x threads "
                              "does not exceed the cores")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def _writable_folder(path: Path, what: str) -> None:
+    """Create ``path`` if needed and check that files can be written in it; :class:`RunnerError` if not."""
     try:
-        notebooks = select(discover(args.notebook_dir), args.only)
-        if not notebooks:
-            raise RunnerError(f"no notebooks found in {project_path(args.notebook_dir)}")
-        if args.list:
-            for p in notebooks:
-                params = declared_parameters(p)
-                print(f"{p.stem}: " + ", ".join(f"{k}={v['default']}" for k, v in params.items()))
-            return 0
-        cli: dict = {}
-        if args.parameters_file:
-            loaded = yaml.safe_load(project_path(args.parameters_file).read_text()) or {}
-            if not isinstance(loaded, dict):
-                raise RunnerError(f"{args.parameters_file} must hold a mapping of parameter names to values")
-            cli.update(loaded)
-        cli.update({k: parse_value(v) for k, v in args.parameter})
-        params = build_parameters(notebooks, cli, args.fast, known_from=discover(args.notebook_dir))
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        output_dir = project_path(args.output_dir or f"runs/{stamp}{'-fast' if args.fast else ''}")
-        if args.threads is not None:
-            if args.threads < 1:
-                raise RunnerError(f"--threads must be at least 1, got {args.threads}")
-            os.environ["FLOWLIB_THREADS"] = str(args.threads)  # the kernels inherit it
-        if args.jobs < 1:
-            raise RunnerError(f"--jobs must be at least 1, got {args.jobs}")
-        print(f"running {len(notebooks)} notebook(s) into {output_dir}")
-        results_dir = _results_dir(notebooks, params)
-        given = sys.argv[1:] if argv is None else list(argv)
-        manifest = _Manifest(results_dir, output_dir, given) if results_dir else None
-        if manifest:
-            manifest.write()  # on record before the first notebook, which may read it (notebook 11 does)
-        start = time.perf_counter()
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise RunnerError(f"cannot write {what} to {path}: {err.strerror or err}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    with _Signals() as signals:
         try:
-            run(notebooks, params, output_dir, kernel=args.kernel,
-                on_progress=manifest.progress if manifest else None, jobs=args.jobs)
-        finally:
-            if manifest:
-                manifest.finish(time.perf_counter() - start)
-        print(f"done in {time.perf_counter() - start:.1f} s; executed notebooks in {output_dir}")
+            return _main(args, sys.argv[1:] if argv is None else list(argv), signals)
+        except (RunnerError, NotebookFailed) as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            return 1
+        except Interrupted as err:
+            print(f"interrupted: {err}", file=sys.stderr, flush=True)
+            return 128 + err.signum
+
+
+def _main(args: argparse.Namespace, given: list[str], signals: _Signals) -> int:
+    notebooks = select(discover(args.notebook_dir), args.only)
+    if not notebooks:
+        raise RunnerError(f"no notebooks found in {project_path(args.notebook_dir)}")
+    if args.list:
+        for p in notebooks:
+            params = declared_parameters(p)
+            print(f"{p.stem}: " + ", ".join(f"{k}={v['default']}" for k, v in params.items()))
         return 0
-    except (RunnerError, NotebookFailed) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    from_file = load_parameters_file(args.parameters_file) if args.parameters_file else {}
+    cli = {k: parse_value(v) for k, v in args.parameter}
+    params = build_parameters(notebooks, cli, args.fast, known_from=discover(args.notebook_dir),
+                              from_file=from_file, file_name=args.parameters_file or "",
+                              cli_text=dict(args.parameter))
+    if args.threads is not None:
+        if args.threads < 1:
+            raise RunnerError(f"--threads must be at least 1, got {args.threads}")
+        os.environ["FLOWLIB_THREADS"] = str(args.threads)  # the kernels inherit it
+    if args.jobs < 1:
+        raise RunnerError(f"--jobs must be at least 1, got {args.jobs}")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    output_dir = project_path(args.output_dir or f"runs/{stamp}{'-fast' if args.fast else ''}")
+    _writable_folder(output_dir, "executed notebooks (--output-dir)")
+    results_dir = _results_dir(notebooks, params)
+    manifest = _Manifest(results_dir, output_dir, given) if results_dir else None
+    if manifest:
+        try:
+            manifest.write()  # on record before the first notebook, which may read it (notebook 11 does)
+        except OSError as err:
+            raise RunnerError(f"cannot write {manifest.path}: {err.strerror or err}") from None
+    start = time.perf_counter()
+    signum = None
+    try:
+        if signals.received():  # while the notebooks were being checked
+            raise Interrupted(signals.received(), [], output_dir)
+        print(f"running {len(notebooks)} notebook(s) into {_display(output_dir)}", flush=True)
+        run(notebooks, params, output_dir, kernel=args.kernel,
+            on_progress=manifest.progress if manifest else None, jobs=args.jobs, stop=signals.received)
+    except Interrupted as err:
+        signum = err.signum
+        raise
+    finally:
+        if manifest:
+            manifest.finish(time.perf_counter() - start, signum)
+    print(f"done in {time.perf_counter() - start:.1f} s; executed notebooks in {_display(output_dir)}")
+    return 0
 
 
 if __name__ == "__main__":

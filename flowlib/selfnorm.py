@@ -31,8 +31,9 @@ What the numbers mean
   convolution the determinant of the convolution as a linear map, see :class:`SelfNormConv2d`), so
   ``model.eval(); model.log_prob(x)`` is the exact log-density.
 * ``inverse`` uses the learned inverse ``R`` (fast, approximate: the paper's sampling) and returns the
-  exact ``log|det|`` of the map it applied (that of ``R``; O(D^3) once, then cached while ``R`` is
-  unchanged and no gradient is needed); inside :func:`exact_inverse` it solves with ``W`` instead.
+  exact ``log|det|`` of the map it applied (that of ``R``; O(D^3) per call, or once per
+  :func:`flowlib.bijectors.cached_weights` block); inside :func:`exact_inverse` it solves with ``W``
+  instead.
 
 ``exact=True`` builds the exact-gradient twin (the paper's "Exact" baselines): the same unconstrained
 ``W``, no ``R``, the log-det and its gradient through ``slogdet`` (O(D^3)), exact inverse.
@@ -53,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bijectors import ActNorm
+from .bijectors import ActNorm, _cached_without_grad, cached_weights
 from .models import Encoding, Flow, Glow
 
 __all__ = [
@@ -95,7 +96,7 @@ class _SelfNormLogdet(torch.autograd.Function):
 
 def _orthogonal(n: int) -> torch.Tensor:
     q, r = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))
-    return (q * torch.sign(torch.diagonal(r))).float()
+    return (q * torch.sign(torch.diagonal(r))).float().contiguous()  # (QR's q is column-major)
 
 
 class _SelfNormLayer(nn.Module):
@@ -117,7 +118,6 @@ class _SelfNormLayer(nn.Module):
         self.logdet_value_in_training = False  # set by exact_logdet_values()
         self.use_exact_inverse = False  # set by exact_inverse()
         self._recon: torch.Tensor | None = None
-        self._cache: dict[str, tuple] = {}
 
     # -- subclass hooks -----------------------------------------------------------------------------
     @staticmethod
@@ -142,17 +142,15 @@ class _SelfNormLayer(nn.Module):
 
     # -- shared -------------------------------------------------------------------------------------
     def _cached_logdet(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """Exact log|det| of the map with kernel ``name`` ("weight" or "inverse_weight"), a scalar. Cached
-        (O(D^3) once) while the kernel is unchanged and no gradient is needed, so repeated evaluation
-        and sampling do not pay for it again."""
+        """Exact log|det| of the map with kernel ``name`` ("weight" or "inverse_weight"), a scalar, O(D^3).
+        Computed on every call (with its gradient when one is needed), except inside
+        :func:`flowlib.bijectors.cached_weights` without gradients, where repeated evaluation and sampling
+        compute it once per kernel and input size."""
         w = getattr(self, name)
         if torch.is_grad_enabled() and w.requires_grad:
             return self._logdet_of(w, x)
-        key = (w._version, w.data_ptr(), w.dtype, w.device, tuple(x.shape[2:]))
-        hit = self._cache.get(name)
-        if hit is None or hit[0] != key:
-            hit = self._cache[name] = (key, self._logdet_of(w.detach(), x))
-        return hit[1]
+        return _cached_without_grad(self, ("logdet", name, tuple(x.shape[2:])), (w,),
+                                    lambda: self._logdet_of(w.detach(), x))
 
     def _exact_logdet(self, x: torch.Tensor) -> torch.Tensor:
         return self._cached_logdet("weight", x)
@@ -520,7 +518,8 @@ def exact_test_nll(model: nn.Module, x: torch.Tensor, preprocess: Preprocess | N
     times with a generator seeded by ``seed`` (fixed draws: the same number on every call) and the NLLs
     are averaged over the draws. Any constant of the preprocessing (such as ``D log bins``) is the
     caller's to add. Returns the mean over examples (a float) or, with ``per_example=True``, the (N,)
-    float64 tensor of per-example NLLs (for medians and outliers).
+    float64 tensor of per-example NLLs (for medians and outliers). The weights are fixed meanwhile, so each
+    layer's log-det is computed once (:func:`flowlib.bijectors.cached_weights`).
     """
     if draws < 1:
         raise ValueError(f"draws must be >= 1, got {draws}")
@@ -530,12 +529,13 @@ def exact_test_nll(model: nn.Module, x: torch.Tensor, preprocess: Preprocess | N
     total = torch.zeros(x.shape[0], dtype=torch.float64)
     n_draws = draws if preprocess is not None else 1
     try:
-        for _ in range(n_draws):
-            parts = []
-            for xb in x.split(batch_size):
-                xb = preprocess(xb, g) if preprocess is not None else xb
-                parts.append(-model.log_prob(xb).double().cpu())
-            total += torch.cat(parts)
+        with cached_weights(model):
+            for _ in range(n_draws):
+                parts = []
+                for xb in x.split(batch_size):
+                    xb = preprocess(xb, g) if preprocess is not None else xb
+                    parts.append(-model.log_prob(xb).double().cpu())
+                total += torch.cat(parts)
     finally:
         model.train(was_training)
     nll = total / n_draws

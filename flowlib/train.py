@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import numbers
 import os
 import sys
 import time
@@ -32,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .bijectors import ImagePreprocess, dequantize
+from .bijectors import ImagePreprocess, NonFiniteBatchError, cached_weights, dequantize
 from .distill import (
     DISTANCES,
     PRESETS,
@@ -45,9 +46,9 @@ from .models import MAF, Glow, build_model
 from .results import atomic_write
 
 __all__ = [
-    "TrainConfig", "TrainingDiverged", "config_diff", "config_hash", "evaluate", "history_frame",
-    "load_checkpoint", "load_model", "resolve_device", "save_checkpoint", "train", "train_or_load",
-    "training_lock",
+    "CheckpointError", "TrainConfig", "TrainingDiverged", "config_diff", "config_hash", "evaluate",
+    "history_frame", "load_checkpoint", "load_model", "remove_stale_temporaries", "resolve_device",
+    "save_checkpoint", "train", "train_or_load", "training_lock",
 ]
 
 CHECKPOINT_VERSION = 1
@@ -131,12 +132,43 @@ class TrainConfig:
             raise ValueError(f"unknown distance {self.distance!r}; choose one of {', '.join(DISTANCES)}")
         if self.preprocess not in ("glow", "logit"):
             raise ValueError(f"unknown preprocess {self.preprocess!r}; choose 'glow' or 'logit'")
-        for key in ("steps", "batch_size", "eval_every", "eval_batch_size", "bins"):
-            if int(getattr(self, key)) < 1:
-                raise ValueError(f"TrainConfig.{key} must be >= 1, got {getattr(self, key)}")
-        if self.warmup_steps < 0 or self.lr <= 0:
-            raise ValueError(f"need lr > 0 and warmup_steps >= 0, got lr={self.lr}, "
-                             f"warmup_steps={self.warmup_steps}")
+        self._validate()
+
+    def _validate(self) -> None:
+        """Every field's type and range, each failure a ``ValueError`` naming the field and the fix."""
+        def bad(key: str, need: str):
+            raise ValueError(f"TrainConfig.{key} {need}, got {getattr(self, key)!r}")
+
+        if not isinstance(self.name, str) or not self.name.strip() or self.name in (".", "..") \
+                or any(sep in self.name for sep in ("/", "\\", os.sep, "\0")):
+            bad("name", "must be a plain folder name (no path separators, not '.' or '..'): it names the "
+                        "checkpoint folder <checkpoint_root>/<name>-<hash>")
+        if not isinstance(self.arch, str) or self.arch.lower() not in ARCHS:
+            bad("arch", f"must be one of {', '.join(ARCHS)}")
+        for key in ("steps", "batch_size", "eval_every", "eval_batch_size"):
+            if not _integer(getattr(self, key)) or getattr(self, key) < 1:
+                bad(key, "must be an integer >= 1")
+        if not _integer(self.bins) or self.bins < 2:
+            bad("bins", "must be an integer >= 2 (the number of quantisation levels of the images)")
+        if not _integer(self.warmup_steps) or self.warmup_steps < 0:
+            bad("warmup_steps", "must be an integer >= 0")
+        if not _integer(self.seed):
+            bad("seed", "must be an integer")
+        if not _finite_number(self.lr) or self.lr <= 0:
+            bad("lr", "must be a finite number > 0")
+        if not _finite_number(self.weight_decay) or self.weight_decay < 0:
+            bad("weight_decay", "must be a finite number >= 0")
+        if self.grad_clip is not None and (not _finite_number(self.grad_clip) or self.grad_clip <= 0):
+            bad("grad_clip", "must be a finite number > 0 (the largest gradient norm), or None for no "
+                             "clipping")
+        if not _finite_number(self.temperature) or self.temperature < 0:
+            bad("temperature", "must be a finite number >= 0 (SKD's sampling temperature)")
+        if self.skd_samples is not None and (not _integer(self.skd_samples) or self.skd_samples < 1):
+            bad("skd_samples", "must be an integer >= 1, or None for one sample per batch element")
+        if self.lambdas is not None and not all(math.isfinite(v) for v in self.lambdas):
+            bad("lambdas", "must be three finite weights (l0, l1, l2)")
+        if not isinstance(self.device, str):
+            bad("device", "must be a string such as 'cpu', 'cuda' or 'auto'")
 
     @property
     def distilled(self) -> bool:
@@ -171,6 +203,17 @@ class TrainConfig:
     def replace(self, **changes) -> TrainConfig:
         """A copy with some fields changed (``dataclasses.replace``)."""
         return dataclasses.replace(self, **changes)
+
+
+ARCHS = ("glow", "maf")
+
+
+def _integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _finite_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _identity_dict(d: dict) -> dict:
@@ -314,7 +357,7 @@ def evaluate(model: nn.Module, data, preprocess: str | nn.Module | None = "glow"
     )
     total_nll, total_bpd, count = 0.0, 0.0, 0
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), cached_weights(model):  # fixed weights: derived ones computed once
             for xb in batches:
                 pre = None if xb.is_floating_point() else image_pre
                 y, _ = _to_model_space(xb, pre, bins, gen, ref)
@@ -345,17 +388,76 @@ def history_frame(history: list[dict]):
 # Checkpoints
 # --------------------------------------------------------------------------------------------------
 
+class CheckpointError(ValueError):
+    """A checkpoint file is unreadable (truncated, corrupt, not a flowlib checkpoint) or fails its checksum.
+    The message names the file; deleting it makes :func:`train_or_load` retrain (or resume from
+    ``last.pt``)."""
+
+
+def _content_digest(obj, h=None) -> str:
+    """SHA-256 of a checkpoint's content: every tensor's dtype, shape and bytes and every other value, dict
+    keys in sorted order. It is computed from the loaded objects rather than the file's bytes, so the file
+    stays a plain ``torch.save`` archive that ``torch.load`` opens, and any change to what it holds is
+    detected."""
+    top = h is None
+    h = hashlib.sha256() if top else h
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}".encode())
+        for key in sorted(obj, key=repr):
+            h.update(repr(key).encode())
+            _content_digest(obj[key], h)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"L{len(obj)}".encode())
+        for item in obj:
+            _content_digest(item, h)
+    else:
+        h.update(f"V{type(obj).__name__}:{obj!r};".encode())
+    return h.hexdigest() if top else ""
+
+
 def save_checkpoint(path: str | os.PathLike, obj: dict) -> None:
-    """``torch.save`` through :func:`flowlib.results.atomic_write` (temporary file, then ``os.replace``)."""
-    atomic_write(path, lambda f: torch.save(obj, f))
+    """``torch.save`` through :func:`flowlib.results.atomic_write` (temporary file, then ``os.replace``),
+    with a ``checksum`` of the content (:func:`_content_digest`) that :func:`load_checkpoint` verifies."""
+    payload = {k: v for k, v in obj.items() if k != "checksum"}
+    payload["checksum"] = _content_digest(payload)
+    atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Load a checkpoint written by :func:`train` (``weights_only``: plain tensors and containers)."""
-    ck = torch.load(path, map_location=map_location, weights_only=True)
+    """Load a checkpoint written by :func:`train` (``weights_only``: plain tensors and containers) and verify
+    its checksum. A truncated, corrupt or foreign file raises :class:`CheckpointError` naming it. Checkpoints
+    written before checksums existed (no ``checksum`` key) load unverified."""
+    fix = f"delete {path} to retrain (a run resumes from last.pt if only best.pt is damaged)"
+    try:
+        ck = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # truncated zip, bad pickle, a byte flipped in a record header, ...
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(err).__name__}: {first}); "
+                              f"it is truncated or corrupt: {fix}") from err
     if not isinstance(ck, dict) or ck.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{path} is not a flowlib checkpoint of version {CHECKPOINT_VERSION}")
+        raise CheckpointError(f"{path} is not a flowlib checkpoint of version {CHECKPOINT_VERSION}: {fix}")
+    stored = ck.pop("checksum", None)
+    if stored is not None and stored != _content_digest(ck):
+        raise CheckpointError(f"checkpoint {path} fails its checksum: its content changed after it was "
+                              f"written (a corrupt disk or copy): {fix}")
     return ck
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that :func:`flowlib.results.atomic_write` leaves behind when a process is
+    killed mid-write (``.last.pt.<random>.tmp``). Call only while holding the folder (its training lock)."""
+    removed = []
+    for tmp in Path(directory).glob(".*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
 
 
 def load_model(path: str | os.PathLike, device: str = "cpu") -> nn.Module:
@@ -409,6 +511,8 @@ def train(model: nn.Module, train_data, val_data, config: TrainConfig, teacher: 
     x_train = _as_tensor(train_data, "train_data")
     if len(x_train) == 0:
         raise ValueError("train_data is empty")
+    _check_finite_data(x_train, "train_data")
+    _check_finite_data(val_data, "val_data")
     image = not x_train.is_floating_point()
     preprocess = ImagePreprocess(config.preprocess) if image else None
     dim = math.prod(x_train.shape[1:])
@@ -424,6 +528,8 @@ def train(model: nn.Module, train_data, val_data, config: TrainConfig, teacher: 
     best_val, start_step, elapsed0 = math.inf, 0, 0.0
 
     ckdir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if ckdir is not None:
+        remove_stale_temporaries(ckdir)  # left by a process killed while writing a checkpoint
     if ckdir is not None and resume and (ckdir / "last.pt").exists():
         ck = load_checkpoint(ckdir / "last.pt")  # CPU: generator states must stay on the CPU
         _check_same_config(ck["config"], config, ckdir / "last.pt")
@@ -456,69 +562,107 @@ def train(model: nn.Module, train_data, val_data, config: TrainConfig, teacher: 
     last_loss = next((h["loss"] for h in reversed(history) if math.isfinite(h["loss"])), None)
     best_bpd = _best_val_bpd(history)
     model.train()
+    # the frozen teacher's weights do not change: its derived weights (LU, MADE masks) are computed once
+    teacher_weights = cached_weights(teacher) if distilled else contextlib.nullcontext()
     try:
-        for step in range(start_step + 1, config.steps + 1):
-            xb = x_train[stream.next()]
-            if batch_hook is not None:
-                replaced = batch_hook(step, xb)
-                xb = xb if replaced is None else replaced
-            y, pre_logdet = _to_model_space(xb, preprocess, config.bins, generator, ref)
-            lr = config.lr * min(1.0, step / config.warmup_steps) if config.warmup_steps else config.lr
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            out = distillation_loss(
-                teacher if distilled else None, model, y, method=method, lambdas=config.lambdas_at(step),
-                pairs=config.pairs, distance=config.distance, temperature=config.temperature,
-                n_samples=config.skd_samples, generator=generator,
-            )
-            loss = out.total
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(step, last_loss, "loss")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            max_norm = config.grad_clip if config.grad_clip is not None else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-            if not torch.isfinite(grad_norm):
-                raise TrainingDiverged(step, last_loss, "gradient norm")
-            optimizer.step()
+        with teacher_weights:
+            for step in range(start_step + 1, config.steps + 1):
+                xb = x_train[stream.next()]
+                if batch_hook is not None:
+                    replaced = batch_hook(step, xb)
+                    xb = xb if replaced is None else replaced
+                    if xb.is_floating_point() and not bool(torch.isfinite(xb).all()):
+                        raise ValueError(f"the training batch of step {step} (returned by batch_hook) "
+                                         f"contains NaN or inf; nothing was updated or saved")
+                y, pre_logdet = _to_model_space(xb, preprocess, config.bins, generator, ref)
+                lr = config.lr * min(1.0, step / config.warmup_steps) if config.warmup_steps else config.lr
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                try:
+                    out = distillation_loss(
+                        teacher if distilled else None, model, y, method=method,
+                        lambdas=config.lambdas_at(step),
+                        pairs=config.pairs, distance=config.distance, temperature=config.temperature,
+                        n_samples=config.skd_samples, generator=generator,
+                    )
+                except NonFiniteBatchError as err:  # the batch was finite (checked): a layer overflowed
+                    raise TrainingDiverged(step, last_loss, "value inside the model") from err
+                loss = out.total
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(step, last_loss, "loss")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                max_norm = config.grad_clip if config.grad_clip is not None else math.inf
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+                if not torch.isfinite(grad_norm):
+                    raise TrainingDiverged(step, last_loss, "gradient norm")
+                optimizer.step()
 
-            values = out.items()
-            last_loss = values["loss"]
-            nll_value = values["nll"]
-            if preprocess is not None:
-                nll_value -= float(pre_logdet.mean()) - dim * math.log(config.bins)
-            rec = {
-                "step": step, "loss": values["loss"], "nll": values["nll"],
-                "bpd": nll_value / (dim * math.log(2.0)),
-                "terms": {k: v for k, v in values.items() if k != "loss"},
-                "val_nll": math.nan, "val_bpd": math.nan, "lr": lr, "grad_norm": float(grad_norm),
-                "time": time.perf_counter() - t0 + elapsed0,
-            }
-            history.append(rec)
-            evaluate_now = step % config.eval_every == 0 or step == config.steps
-            if evaluate_now:
-                val = evaluate(model, val_data, preprocess or config.preprocess, config.bins,
-                               config.eval_batch_size, seed=_derive_seed(config.seed, "val"))
-                rec["val_nll"], rec["val_bpd"] = val["nll"], val["bpd"]
-                if math.isfinite(val["nll"]) and val["nll"] < best_val:
-                    best_val, best_bpd = val["nll"], val["bpd"]
-                    if ckdir is not None:
-                        save_checkpoint(ckdir / "best.pt", {
-                            "version": CHECKPOINT_VERSION, "config": config.to_dict(),
-                            "input_shape": list(x_train.shape[1:]), "step": step,
-                            "model": model.state_dict(), "val_nll": val["nll"], "val_bpd": val["bpd"],
-                        })
-                checkpoint(step, finished=step == config.steps)
-            if bar is not None:
-                post = {"loss": f"{rec['loss']:.4g}", "bpd": f"{rec['bpd']:.4g}"}
-                if math.isfinite(best_val):
-                    post["best_val_bpd"] = f"{best_bpd:.4g}"
-                bar.set_postfix(post, refresh=False)
-                bar.update(1)
+                values = out.items()
+                last_loss = values["loss"]
+                nll_value = values["nll"]
+                if preprocess is not None:
+                    nll_value -= float(pre_logdet.mean()) - dim * math.log(config.bins)
+                rec = {
+                    "step": step, "loss": values["loss"], "nll": values["nll"],
+                    "bpd": nll_value / (dim * math.log(2.0)),
+                    "terms": {k: v for k, v in values.items() if k != "loss"},
+                    "val_nll": math.nan, "val_bpd": math.nan, "lr": lr, "grad_norm": float(grad_norm),
+                    "time": time.perf_counter() - t0 + elapsed0,
+                }
+                history.append(rec)
+                evaluate_now = step % config.eval_every == 0 or step == config.steps
+                if evaluate_now:
+                    if not _parameters_finite(model):
+                        raise TrainingDiverged(step, last_loss, "model's weights after the update")
+                    val = evaluate(model, val_data, preprocess or config.preprocess, config.bins,
+                                   config.eval_batch_size, seed=_derive_seed(config.seed, "val"))
+                    rec["val_nll"], rec["val_bpd"] = val["nll"], val["bpd"]
+                    # nothing is saved from a run that has left the finite world: the files keep the last
+                    # good one
+                    if not math.isfinite(val["nll"]):
+                        raise TrainingDiverged(step, last_loss, "validation NLL")
+                    if val["nll"] < best_val:
+                        best_val, best_bpd = val["nll"], val["bpd"]
+                        if ckdir is not None:
+                            save_checkpoint(ckdir / "best.pt", {
+                                "version": CHECKPOINT_VERSION, "config": config.to_dict(),
+                                "input_shape": list(x_train.shape[1:]), "step": step,
+                                "model": model.state_dict(), "val_nll": val["nll"], "val_bpd": val["bpd"],
+                            })
+                    checkpoint(step, finished=step == config.steps)
+                if bar is not None:
+                    post = {"loss": f"{rec['loss']:.4g}", "bpd": f"{rec['bpd']:.4g}"}
+                    if math.isfinite(best_val):
+                        post["best_val_bpd"] = f"{best_bpd:.4g}"
+                    bar.set_postfix(post, refresh=False)
+                    bar.update(1)
     finally:
         if bar is not None:
             bar.close()
     return history
+
+
+def _check_finite_data(data, what: str) -> None:
+    """A NaN or inf in the data is a data error, reported before training starts (not a divergence later)."""
+    tensors = [data] if isinstance(data, torch.Tensor) else [] if data is None else None
+    if tensors is None:
+        try:
+            tensors = [_as_tensor(data, what)]
+        except TypeError:  # an iterable of batches: checked batch by batch when evaluated
+            return
+    for t in tensors:
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            bad = (~torch.isfinite(t.reshape(len(t), -1))).any(1).nonzero().flatten()
+            raise ValueError(f"{what} contains NaN or inf in {len(bad)} row(s) (first: row {int(bad[0])}); "
+                             f"clean or drop those rows before training")
+
+
+def _parameters_finite(model: nn.Module) -> bool:
+    params = [p.detach() for p in model.parameters()]
+    if not params:
+        return True
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(params))).all())
 
 
 def _best_val_bpd(history: list[dict]) -> float:

@@ -163,3 +163,55 @@ def test_maf_transform_density_of_identity_is_standard_normal():
     x = torch.randn(4, 3)
     y, ld = layer(x)  # zero-initialised MADE: identity
     assert torch.equal(y, x) and torch.all(ld == 0)
+
+
+@pytest.mark.parametrize("bad", ["empty", "nan", "inf"])
+def test_actnorm_refuses_a_bad_first_batch_and_initialises_from_the_next(bad):
+    layer = ActNorm(4).double()
+    x = {"empty": TRAIN_IMG[:0], "nan": TRAIN_IMG.clone(), "inf": TRAIN_IMG.clone()}[bad]
+    if bad != "empty":
+        x[3, 1, 0, 2] = float(bad)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(ValueError, match="batch of 0 samples" if bad == "empty" else "NaN or inf"):
+        layer(x)
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, state[k]), k  # still uninitialised: bias 0, scale 1, flag False
+    y, _ = layer(TRAIN_IMG)  # the next good batch initialises it as if the bad one never came
+    fresh = ActNorm(4).double()
+    torch.testing.assert_close(y, fresh(TRAIN_IMG)[0], rtol=0, atol=0)
+    assert bool(layer.initialized)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_batchnorm_flow_keeps_its_running_statistics_on_a_bad_batch(reverse):
+    layer, reference = BatchNormFlow(5).double(), BatchNormFlow(5).double()
+    layer(TRAIN_TAB, reversed_features=reverse)
+    reference(TRAIN_TAB, reversed_features=reverse)
+    for value in (float("nan"), float("inf"), -float("inf")):
+        bad = TRAIN_TAB.clone()
+        bad[7, 2] = value
+        with pytest.raises(ValueError, match="NaN or inf"):
+            layer(bad, reversed_features=reverse)
+        for k, v in layer.state_dict().items():
+            assert torch.equal(v, reference.state_dict()[k]), k
+    layer(TRAIN_TAB * 2, reversed_features=reverse)  # training goes on exactly as without the bad batches
+    reference(TRAIN_TAB * 2, reversed_features=reverse)
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, reference.state_dict()[k]), k
+    layer.eval()
+    torch.testing.assert_close(layer(TAB)[0], reference.eval()(TAB)[0], rtol=0, atol=0)
+
+
+def test_layer_sizes_must_be_positive_integers():
+    for make, name in [(lambda: ActNorm(0), "features"), (lambda: InvertibleLinear(-1), "features"),
+                       (lambda: InvertibleConv1x1(0), "features"), (lambda: BatchNormFlow(0), "features"),
+                       (lambda: AffineCoupling(4, 0), "hidden"),
+                       (lambda: AdditiveCoupling(4, 0, image=True), "hidden"),
+                       (lambda: MADE(4, hidden=0), "hidden"), (lambda: MADE(4, layers=0), "layers"),
+                       (lambda: MaskedAffineAutoregressive(4, hidden=0), "hidden"),
+                       (lambda: MADE(4, hidden=2.5), "hidden")]:
+        with pytest.raises(ValueError, match=f"{name} must be an integer >= 1"):
+            make()
+    import numpy as np
+
+    assert ActNorm(np.int64(3)).features == 3  # any integer type is fine

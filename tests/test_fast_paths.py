@@ -275,8 +275,9 @@ def _maf_with_batch_statistics(seed: int = 0) -> MAF:
 
 
 def test_weights_cached_without_gradients_follow_every_change():
-    # MADE's masked / scaled / flipped / padded weights and batch norm's eval affine map are computed once
-    # while gradients are off; an optimizer step, new running statistics and a checkpoint load must all show
+    # MADE's masked / scaled / flipped / padded weights and batch norm's eval affine map are derived from the
+    # weights (on every call, or once inside cached_weights); an optimizer step, new running statistics and a
+    # checkpoint load must all show
     model, x = _maf_with_batch_statistics(), _randn(7, 5, seed=3)
 
     def fresh():  # with gradients on, nothing comes from the cache
@@ -361,8 +362,14 @@ def test_arena_log_prob_equals_the_autograd_path_and_never_aliases(which):
         assert first.data_ptr() not in held and second.data_ptr() not in held
     with torch.inference_mode():  # inference tensors get their own buffers
         torch.testing.assert_close(model.log_prob(x), expected, rtol=0, atol=0)
-    with torch.no_grad():  # another batch size replaces the buffers
-        torch.testing.assert_close(model.log_prob(x[:5]), expected[:5], rtol=0, atol=0)
+    # Another batch size replaces the buffers. Bit-identity holds only against the same computation at the
+    # same shape: BLAS blocks a 5-row product differently from a 33-row one (and differently on each CPU), so
+    # rows of the batch of 33 agree with the batch of 5 only to rounding.
+    expected_small = model.log_prob(x[:5]).detach()
+    with torch.no_grad():
+        small = model.log_prob(x[:5])
+    torch.testing.assert_close(small, expected_small, rtol=0, atol=0)
+    torch.testing.assert_close(small, expected[:5], rtol=1e-5, atol=1e-5)
     model.release_scratch()
     assert "_scratch_arenas" not in model.__dict__
 

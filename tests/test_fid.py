@@ -3,6 +3,7 @@
 
 import importlib.util
 import math
+import re
 import socket
 
 import numpy as np
@@ -272,3 +273,25 @@ def test_input_scaling_matches_first_layer_batchnorm(inception):
     assert 0.6 < ratio < 1.5 and err < 0.4
     assert ratio_01 < 0.4 and err_01 > err
     assert math.isclose(fidlib.INPUT_SIZE, 299)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "wrong shape"])
+def test_a_damaged_feature_cache_is_named_and_recomputed(tmp_path, damage):
+    imgs = torch.randint(0, 256, (10, 1, 4, 4), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
+    calls = []
+
+    def flat_pixels(x):
+        calls.append(len(x))
+        return x.reshape(x.shape[0], -1).double().numpy()
+
+    kw = dict(n=4, seed=3, cache_dir=tmp_path, features_fn=flat_pixels)
+    f1 = fidlib.cached_real_features(imgs, "toy", "test", **kw)
+    path = tmp_path / "toy_test_n4_seed3_flat_pixels.npz"
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:50])
+    else:
+        with np.load(path) as f:
+            np.savez(path, features=np.zeros((3, 16)), fingerprint=f["fingerprint"], extractor=f["extractor"])
+    with pytest.warns(RuntimeWarning, match=rf"cache file {re.escape(str(path))} .*recomputing it"):
+        f2 = fidlib.cached_real_features(imgs, "toy", "test", **kw)
+    assert calls == [4, 4] and np.array_equal(f1, f2)

@@ -176,3 +176,268 @@ def test_maf_latents_are_reported_in_data_order():
         enc = MAF(4, depth=depth).eval().encode(x)
         for latent in enc.latents + enc.z:
             assert torch.allclose(latent, x, atol=1e-4), depth
+
+
+# --- issue item 10: weights derived for evaluation follow every way of changing the weights ---------------
+
+WEIGHT_MODELS = {
+    "maf": lambda: MAF(5, depth=3, hidden=8),
+    "glow-tabular": lambda: Glow((6,), depth=2, hidden=8),
+    "glow-image": lambda: Glow((2, 4, 4), levels=2, depth=2, hidden=4),
+    "selfnorm-fc": lambda: __import__("flowlib.selfnorm", fromlist=["SelfNormFC"]).SelfNormFC(4, layers=2),
+}
+_MODES = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
+
+
+def _weights_case(name: str, seed: int = 0):
+    """A float32 model of ``WEIGHT_MODELS[name]`` with ActNorm initialised and batch-norm statistics away from
+    0 / 1, every parameter random, in eval mode; and a batch for it."""
+    torch.manual_seed(seed)
+    model = WEIGHT_MODELS[name]()
+    shape = model.input_shape
+    model.train()
+    with torch.no_grad():
+        model.log_prob(torch.randn(64, *shape) * 1.5 + 0.3)
+    perturb(model, 0.2, seed)
+    return model.eval(), torch.randn(7, *shape, generator=torch.Generator().manual_seed(seed + 1))
+
+
+def _nudge(model, seed=3, scale=0.05):
+    """A small random change of every parameter, as a list of tensors."""
+    g = torch.Generator().manual_seed(seed)
+    return [scale * torch.randn(p.shape, generator=g) for p in model.parameters()]
+
+
+def _change_data_add(model):
+    for p, d in zip(model.parameters(), _nudge(model)):
+        p.data.add_(d)  # the manual-averaging idiom: invisible to the parameter's version counter
+    for name, b in model.named_buffers():
+        if "running" in name:
+            b.data.mul_(1.3)
+    return model
+
+
+def _change_load_state_dict(model):
+    other, _ = _weights_case(next(k for k, f in WEIGHT_MODELS.items() if type(f()) is type(model)
+                                  and f().input_shape == model.input_shape), seed=11)
+    model.load_state_dict(other.state_dict())
+    return model
+
+
+def _change_copy(model):
+    with torch.no_grad():
+        for p, d in zip(model.parameters(), _nudge(model)):
+            p.copy_(p + d)
+    return model
+
+
+def _change_optimizer_step(model):
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    x = torch.randn(16, *model.input_shape, generator=torch.Generator().manual_seed(5))
+    (-model.log_prob(x).mean()).backward()
+    opt.step()
+    return model
+
+
+def _change_vector_to_parameters(model):
+    vec = torch.nn.utils.parameters_to_vector(model.parameters())
+    torch.nn.utils.vector_to_parameters(vec + torch.cat([d.flatten() for d in _nudge(model)]),
+                                        model.parameters())
+    return model
+
+
+WEIGHT_CHANGES = {
+    "data_add": _change_data_add,
+    "load_state_dict": _change_load_state_dict,
+    "copy_under_no_grad": _change_copy,
+    "optimizer_step": _change_optimizer_step,
+    "vector_to_parameters": _change_vector_to_parameters,
+    "averaged_model": None,  # below: the EMA copy of torch.optim.swa_utils.AveragedModel
+}
+
+
+def _fresh_log_prob(model, x, mode):
+    """log_prob of a newly built model given ``model``'s state_dict: no derived weight survives."""
+    name = next(k for k, f in WEIGHT_MODELS.items()
+                if type(f()) is type(model) and f().input_shape == model.input_shape)
+    fresh = WEIGHT_MODELS[name]()
+    fresh.load_state_dict(model.state_dict())
+    fresh.eval()
+    with _MODES[mode]():
+        return fresh.log_prob(x)
+
+
+@pytest.mark.parametrize("mode", sorted(_MODES))
+@pytest.mark.parametrize("change", list(WEIGHT_CHANGES))
+@pytest.mark.parametrize("name", sorted(WEIGHT_MODELS))
+def test_log_prob_without_gradients_sees_every_change_of_the_weights(name, change, mode):
+    model, x = _weights_case(name)
+    if change == "averaged_model":
+        ema = torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.5))
+        ema.update_parameters(model)  # the first update copies
+        target = ema.module.eval()
+    else:
+        target = model
+    with _MODES[mode]():
+        before = target.log_prob(x)  # evaluated once before the change (a cache would be filled here)
+    if change == "averaged_model":
+        _change_copy(model)
+        ema.update_parameters(model)  # EMA: halfway to the changed weights
+    else:
+        WEIGHT_CHANGES[change](target)
+    target.eval()
+    with _MODES[mode]():
+        after = target.log_prob(x)
+    expected = _fresh_log_prob(target, x, mode)
+    torch.testing.assert_close(after, expected, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(after, before, rtol=1e-4, atol=1e-4)  # the change did matter
+
+
+def _a_derived_weight(model, x):
+    """A function returning one weight-derived tensor of ``model`` (W, a masked weight, a log-det)."""
+    from flowlib.bijectors import InvertibleLinear, _MaskedLinear
+    from flowlib.selfnorm import SelfNormLinear
+
+    for m in model.modules():
+        if isinstance(m, InvertibleLinear):
+            return lambda: m._matrix(inverse=True)
+        if isinstance(m, _MaskedLinear):
+            return m.masked_weight
+        if isinstance(m, SelfNormLinear):
+            return lambda: m._cached_logdet("weight", x)
+    raise AssertionError(type(model))
+
+
+@pytest.mark.parametrize("mode", sorted(_MODES))
+@pytest.mark.parametrize("name", sorted(WEIGHT_MODELS))
+def test_cached_weights_computes_derived_weights_once_with_the_same_numbers(name, mode):
+    from flowlib.bijectors import cached_weights
+
+    model, x = _weights_case(name)
+    derived = _a_derived_weight(model, x)
+    with _MODES[mode]():
+        plain = model.log_prob(x)
+        decoded = model.decode(model.encode(x).z)
+        assert derived() is not derived()  # by default: recomputed on every call
+    with cached_weights(model) as same, _MODES[mode]():
+        assert same is model
+        cached, again = model.log_prob(x), model.log_prob(x)
+        cached_decoded = model.decode(model.encode(x).z)
+        assert derived() is derived()  # inside the block: computed once
+        with cached_weights(model):  # blocks nest
+            torch.testing.assert_close(model.log_prob(x), plain, rtol=0, atol=0)
+        assert derived() is derived()  # the inner block's end does not end the outer one
+    for value in (cached, again):
+        torch.testing.assert_close(value, plain, rtol=0, atol=0)
+    torch.testing.assert_close(cached_decoded, decoded, rtol=0, atol=0)
+    with _MODES[mode]():
+        assert derived() is not derived()  # after the block: recomputed again
+    with torch.enable_grad(), cached_weights(model):
+        assert derived() is not derived()  # with gradients nothing is cached (autograd must see it)
+
+
+def test_cached_weights_still_follows_visible_changes_and_copies_do_not_inherit_it():
+    import copy
+
+    from flowlib.bijectors import cached_weights
+
+    model, x = _weights_case("maf")
+    with cached_weights(model), torch.no_grad():
+        first = model.log_prob(x)
+        twin = copy.deepcopy(model)  # a copy made inside the block is not cached
+        model.load_state_dict(_weights_case("maf", seed=11)[0].state_dict())  # versions change: noticed
+        loaded = model.log_prob(x)
+        for p, d in zip(twin.parameters(), _nudge(twin)):
+            p.data.add_(d)
+        twin_after = twin.log_prob(x)
+    torch.testing.assert_close(loaded, _fresh_log_prob(model, x, "no_grad"), rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(loaded, first)
+    torch.testing.assert_close(twin_after, _fresh_log_prob(twin, x, "no_grad"), rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(twin_after, first)
+
+
+# --- issue items 12 and 17: bad batches, empty batches, dtypes, temperatures ------------------------------
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_sample_zero_and_an_empty_eval_batch_give_empty_results(name):
+    make, shape = MODELS[name]
+    model = _trained(make, shape)
+    assert model.sample(0).shape == (0, *shape)
+    assert model.sample(0, temperature=0.7, generator=torch.Generator().manual_seed(0)).shape == (0, *shape)
+    empty = torch.zeros(0, *shape, dtype=torch.float64)
+    with torch.no_grad():
+        assert model.log_prob(empty).shape == (0,)
+    enc = model.encode(empty)
+    assert [tuple(t.shape) for t in enc.z] == [(0, *s) for s in model.latent_shapes]
+    assert model.decode(enc.z).shape == (0, *shape) and enc.flat().shape[0] == 0
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_temperature_must_be_finite_and_non_negative_and_zero_decodes_the_zero_latent(name):
+    make, shape = MODELS[name]
+    model = _trained(make, shape)
+    for bad in (float("nan"), -0.5, float("inf"), -float("inf")):
+        with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+            model.sample(3, temperature=bad)
+    with pytest.raises(TypeError, match="temperature must be a number"):
+        model.sample(3, temperature="hot")
+    zeros = [torch.zeros(3, *s, dtype=torch.float64) for s in model.latent_shapes]
+    torch.testing.assert_close(model.sample(3, temperature=0.0), model.decode(zeros), rtol=0, atol=0)
+    torch.testing.assert_close(model.sample(3, temperature=torch.tensor(0.0)), model.decode(zeros),
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_a_refused_training_batch_leaves_training_exactly_as_without_it(name):
+    make, shape = MODELS[name]
+
+    def fresh():
+        torch.manual_seed(0)
+        m = make().double().train()
+        return m, torch.optim.Adam(m.parameters(), lr=1e-2)
+
+    model, opt = fresh()
+    reference, ref_opt = fresh()
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(16, *shape, generator=g, dtype=torch.float64) for _ in range(3)]
+    for i, xb in enumerate(batches):
+        if i == 1:
+            bad = xb.clone()
+            bad.view(-1)[5] = float("nan")
+            for refused in (bad, xb[:0]):
+                with pytest.raises(ValueError, match="NaN or inf|batch of 0 samples"):
+                    model.log_prob(refused)
+        for m, o in ((model, opt), (reference, ref_opt)):
+            o.zero_grad()
+            (-m.log_prob(xb).mean()).backward()
+            o.step()
+    for (k, v), (_, w) in zip(model.state_dict().items(), reference.state_dict().items()):
+        assert torch.equal(v, w), k
+
+
+def test_input_of_another_dtype_names_both_dtypes_and_the_fix():
+    model = MAF(3, depth=1)
+    with pytest.raises(TypeError, match=r"input is float64 but the model's parameters are float32; "
+                                        r"call model\.double\(\) or x\.float\(\)"):
+        model.log_prob(torch.zeros(2, 3, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"input is bfloat16 .* call model\.bfloat16\(\) or x\.float\(\)"):
+        model.encode(torch.zeros(2, 3, dtype=torch.bfloat16))
+    model.double()
+    with pytest.raises(TypeError, match=r"input is float32 but the model's parameters are float64; "
+                                        r"call model\.float\(\) or x\.double\(\)"):
+        model.log_prob(torch.zeros(2, 3))
+    with pytest.raises(TypeError, match=r"latent 0 is float32 but the model's parameters are float64"):
+        model.sample(noise=torch.zeros(2, 3))
+
+
+def test_sizes_of_zero_are_refused_naming_the_argument():
+    for make, match in [(lambda: Glow((1, 0, 0)), r"shape=\(1, 0, 0\)"),
+                        (lambda: Glow((4,), hidden=0), "hidden"),
+                        (lambda: Glow((4,), depth=0), "depth"), (lambda: Glow((1, 4, 4), levels=0), "levels"),
+                        (lambda: Glow((1, 4, 4), levels=1, hidden=0), "hidden"),
+                        (lambda: MAF(4, hidden=0), "hidden"), (lambda: MAF(0), "dim"),
+                        (lambda: MAF(4, depth=0), "depth"),
+                        (lambda: build_model("maf", (4,), hidden=0), "hidden")]:
+        with pytest.raises(ValueError, match=match):
+            make()

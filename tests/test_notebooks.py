@@ -1,7 +1,8 @@
-"""Notebooks: stored clean, parameters cells of literals, and every notebook executes in fast mode.
+"""Notebooks: stored clean, parameters cells of literals whose defaults are fast mode, and every notebook
+executes in fast mode without warnings.
 
 The fast run (papermill, through flowlib.run) happens once per test session; the tests below then assert on
-the numbers each notebook recorded in its results JSON.
+the numbers each notebook recorded in its results JSON and on the executed notebooks' outputs.
 """
 
 import ast
@@ -12,16 +13,25 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import yaml
 
 from flowlib import run
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 REQUIRED_PARAMETERS = {"fast", "seed", "results_dir"}
+# What a reader who opens a notebook and presses Run All gets: fast mode, writing nothing that is committed.
+FAST_DEFAULTS = {"fast": True, "results_dir": "results/fast", "checkpoint_dir": "checkpoints/fast"}
+FULL_SCALE = {"fast": False, "results_dir": "results", "checkpoint_dir": "checkpoints"}
 
 
 def _code_cells(path):
     return [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
+
+
+def _stored_parameters(path) -> dict:
+    (cell,) = [c for c in _code_cells(path) if "parameters" in c.metadata.get("tags", [])]
+    return {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse(cell.source).body}
 
 
 def test_there_are_notebooks():
@@ -47,6 +57,66 @@ def test_parameters_cell_holds_literals_only(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_stored_defaults_are_fast_mode(path):
+    """Run All on a stored notebook must take seconds and must not overwrite the committed results/."""
+    stored = _stored_parameters(path)
+    expected = {k: v for k, v in FAST_DEFAULTS.items() if k in stored}
+    assert {k: stored[k] for k in expected} == expected
+    assert "results_dir" in expected
+
+
+def test_full_scale_config_sets_fast_off_and_agrees_with_the_notebooks():
+    """configs/cpu.yaml (the reproduction command) switches fast mode off and writes results/; every other
+    value it sets is the value the notebooks store, so the file's comment ("the full-scale values of the
+    notebooks' parameters") is true and no notebook's default silently differs from what the run used."""
+    config = yaml.safe_load((ROOT / "configs" / "cpu.yaml").read_text())
+    assert {k: config.get(k) for k in FULL_SCALE} == FULL_SCALE
+    stored = {p.stem: _stored_parameters(p) for p in NOTEBOOKS}
+    for key, value in config.items():
+        declaring = {name: params[key] for name, params in stored.items() if key in params}
+        assert declaring, f"configs/cpu.yaml sets {key!r}, which no notebook declares"
+        if key not in FULL_SCALE:
+            differing = {name: v for name, v in declaring.items() if v != value}
+            assert not differing, f"configs/cpu.yaml has {key}: {value!r}, the notebooks store {differing}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_results_used_the_stored_full_scale_values(path):
+    """Every parameter a committed results file records (e.g. 08's fid_samples) equals the notebook's stored
+    value — fast mode's three switches aside, which the full run turned off. So the stored values are the
+    full-scale ones, and a notebook re-run at full scale reproduces the committed configuration."""
+    stored = _stored_parameters(path)
+    recorded = json.loads((ROOT / "results" / f"{path.stem}.json").read_text())["params"]
+    expected = {k: FULL_SCALE.get(k, stored.get(k)) for k in recorded if k in stored}
+    differing = {k: (recorded[k], v) for k, v in expected.items() if recorded[k] != v}
+    assert not differing, f"{path.name}: recorded vs stored: {differing}"
+
+
+TIME_LINE = re.compile(r"\*\*Time:\*\* ~(\d+) s in fast mode, ~(\d+) (s|min) at full scale \(2-core CPU[;)]")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_says_how_long_it_takes(path):
+    """The first cell gives the time in fast mode and at full scale; the latter is the committed run's."""
+    first = nbformat.read(path, as_version=4).cells[0].source
+    match = TIME_LINE.search(first)
+    assert match, f"{path.name}: the first cell needs '**Time:** ~X s in fast mode, ~Y min at full scale'"
+    full = int(match.group(2)) * (60 if match.group(3) == "min" else 1)
+    recorded = json.loads((ROOT / "results" / "run.json").read_text())["notebooks"][path.stem]["seconds"]
+    assert abs(full - recorded) <= max(1.0, 0.05 * recorded), (full, recorded)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_shows_the_fast_mode_banner_below_its_parameters(path):
+    cells = nbformat.read(path, as_version=4).cells
+    (index,) = [i for i, c in enumerate(cells) if "parameters" in c.metadata.get("tags", [])]
+    setup = cells[index + 1].source
+    assert "notebook_setup(" in setup and "fast_mode_banner(fast)" in setup
+    # below notebook_setup, which applies FLOWLIB_FAST=1
+    assert setup.index("fast_mode_banner(fast)") > setup.index("notebook_setup(")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_has_no_installs_and_no_model_code(path):
     nb = nbformat.read(path, as_version=4)
     assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith(f"# {path.stem[:2]} ·")
@@ -58,13 +128,60 @@ def test_notebook_has_no_installs_and_no_model_code(path):
 
 
 @pytest.fixture(scope="session")
-def fast_run(tmp_path_factory):
-    """Run every notebook once in fast mode; returns {notebook stem: results dict}."""
+def fast_run_dir(tmp_path_factory):
+    """Run every notebook once in fast mode: ``<dir>/results`` holds their results, ``<dir>/executed`` the
+    executed notebooks."""
     out = tmp_path_factory.mktemp("fast-run")
-    results_dir = out / "results"
-    params = run.build_parameters(NOTEBOOKS, {"results_dir": str(results_dir)}, fast=True)
+    params = run.build_parameters(NOTEBOOKS, {"results_dir": str(out / "results")}, fast=True)
     run.run(NOTEBOOKS, params, out / "executed", log=lambda *a, **k: None)
-    return {p.stem: json.loads((results_dir / f"{p.stem}.json").read_text()) for p in NOTEBOOKS}
+    return out
+
+
+@pytest.fixture(scope="session")
+def fast_run(fast_run_dir):
+    """{notebook stem: results dict} of the fast run."""
+    return {p.stem: json.loads((fast_run_dir / "results" / f"{p.stem}.json").read_text()) for p in NOTEBOOKS}
+
+
+@pytest.fixture(scope="session")
+def executed(fast_run_dir):
+    """{notebook stem: the executed notebook} of the fast run."""
+    return {p.stem: nbformat.read(fast_run_dir / "executed" / p.name, as_version=4) for p in NOTEBOOKS}
+
+
+WARNING = re.compile(r"\b[A-Za-z]*Warning\b")
+
+
+def warnings_in(notebook) -> list[tuple[int, str]]:
+    """(cell index, text) of every output of an executed notebook that carries a warning: text written to
+    stderr that names a warning category (``UserWarning``, ``TqdmWarning``, ...)."""
+    found = []
+    for i, cell in enumerate(notebook.cells):
+        for out in cell.get("outputs", []):
+            if out.get("output_type") != "stream" or out.get("name") != "stderr":
+                continue
+            if WARNING.search(out.get("text", "")):
+                found.append((i, out["text"].strip()[:500]))
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_executed_notebook_shows_no_warnings(executed, path):
+    found = warnings_in(executed[path.stem])
+    assert not found, f"{path.name}: warnings in the outputs of cells " + "; ".join(
+        f"[{i}] {text}" for i, text in found)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_executed_notebook_shows_the_fast_mode_banner(executed, path):
+    from flowlib.plotting import FAST_MODE_TEXT
+
+    outputs = [out for cell in executed[path.stem].cells for out in cell.get("outputs", [])]
+    shown = [out for out in outputs if out.get("output_type") == "display_data"
+             and FAST_MODE_TEXT in out["data"].get("text/html", "")]
+    assert len(shown) == 1, f"{path.name}: the fast-mode banner is shown {len(shown)} times"
 
 
 def _finite_numbers(obj, where=""):

@@ -58,3 +58,24 @@ def test_atomic_writes_get_ordinary_permissions(tmp_path):
     os.umask(umask)
     assert path.read_bytes() == b"{}" and (path.stat().st_mode & 0o777) == (0o666 & ~umask)
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]  # no temporary file left behind
+
+
+def test_ipywidgets_is_a_dependency():
+    """tqdm.auto (flowlib's progress bars) needs ipywidgets in Jupyter; without it every notebook that shows a
+    bar prints TqdmWarning "IProgress not found" and falls back to text."""
+    assert "ipywidgets" in _pyproject_requirements()
+    assert "ipywidgets" in _environment_requirements()
+
+
+def test_readme_describes_the_images_the_code_uses():
+    """The README must not say that Fashion-MNIST is padded unless some notebook pads it."""
+    readme = (ROOT / "README.md").read_text()
+    notebooks = "".join(p.read_text() for p in (ROOT / "notebooks").glob("*.ipynb"))
+    if re.search(r"padded to 32", readme):
+        assert "pad_to=32" in notebooks
+    assert "28x28" in readme
+
+
+def test_readme_says_how_big_the_environment_is_and_why():
+    readme = (ROOT / "README.md").read_text()
+    assert re.search(r"\d(\.\d)? GB", readme) and "CUDA" in readme

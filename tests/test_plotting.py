@@ -10,6 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
 
 from flowlib import plotting  # noqa: E402
 
@@ -213,3 +214,106 @@ def test_training_curves_skip_nan_between_evaluations():
     assert list(lines["val_nll"].get_xdata()) == [5, 10, 15, 20]
     assert len(lines["loss"].get_xdata()) == 20
     plt.close(fig)
+
+
+def _summary():
+    """Three settings: a clear gap (closure defined), a teacher worse than its student, and a gap smaller than
+    the seed spread (both undefined)."""
+    rows = []
+    for setting, (teacher, student, student_std) in {"clear": (1.0, 0.0, 0.1), "worse": (0.0, 0.1, 0.05),
+                                                     "noisy": (1.0, 0.9, 0.2)}.items():
+        rows += [{"arch": "glow", "dataset": setting, "model": "teacher", "mean": teacher, "std": 0.0},
+                 {"arch": "glow", "dataset": setting, "model": "nll", "mean": student, "std": student_std},
+                 {"arch": "glow", "dataset": setting, "model": "lkd", "mean": student + 0.5, "std": 0.1},
+                 {"arch": "glow", "dataset": setting, "model": "ilkd", "mean": student - 0.2, "std": 0.1}]
+    return rows
+
+
+def test_gap_closures_are_defined_only_beyond_the_seed_spread():
+    c = plotting.gap_closures(_summary()).set_index(["dataset", "model"])
+    assert c.loc[("clear", "lkd"), "gap_closure"] == pytest.approx(0.5)
+    assert c.loc[("clear", "ilkd"), "gap_closure"] == pytest.approx(-0.2)
+    assert c.loc[("clear", "lkd"), "closure_err"] == pytest.approx(0.1)
+    assert c.loc[("clear", "lkd"), "gap_spread"] == pytest.approx(0.1)
+    assert bool(c.loc[("clear", "lkd"), "defined"])
+    assert not c.loc[["worse", "noisy"], "defined"].any()  # gap -0.1 and 0.1 (spread 0.2): nothing to close
+    assert c.loc[("worse", "lkd"), "setting"] == "worse / GLOW"
+
+
+def test_plot_gap_closure_draws_no_bar_where_the_closure_is_undefined(tmp_path):
+    closures = plotting.gap_closures(_summary())
+    fig = plotting.plot_gap_closure(closures, path=tmp_path / "gap.png")
+    ax = fig.axes[0]
+    bars = [p for p in ax.patches if isinstance(p, Rectangle)]
+    # only the two defined closures ("clear": 0.5 and -0.2) are bars, each at its value
+    assert sorted(round(b.get_width(), 6) for b in bars) == [-0.2, 0.5]
+    assert all(abs(b.get_y() + b.get_height() / 2) < 0.5 for b in bars)  # both in the first group ("clear")
+    marks = [t for t in ax.texts if t.get_text() == "n/a"]
+    assert len(marks) == 4  # two methods x two undefined settings, written, not drawn as numbers
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["clear / GLOW", "worse / GLOW", "noisy / GLOW"]
+    # the legend sits outside the axes: it cannot hide a bar
+    fig.canvas.draw()
+    legend, axes_box = ax.get_legend().get_window_extent(), ax.get_window_extent()
+    assert legend.x0 >= axes_box.x1
+    assert (tmp_path / "gap.png").exists()
+
+
+def _texts_outside(fig):
+    """Texts (titles, labels, legend entries, annotations) reaching past the figure's edge, and whether
+    everything drawn (tick labels included) fits in the figure."""
+    from matplotlib.text import Text
+
+    fig.canvas.draw()
+    box = fig.bbox
+    ticks = {id(t) for ax in fig.axes for axis in (ax.xaxis, ax.yaxis)
+             for t in axis.get_ticklabels(which="both")}  # some are off-view and never drawn: see below
+    out = []
+    for t in fig.findobj(Text):
+        if id(t) in ticks or not t.get_visible() or not t.get_text().strip():
+            continue
+        e = t.get_window_extent()
+        if e.x0 < box.x0 - 0.5 or e.x1 > box.x1 + 0.5 or e.y0 < box.y0 - 0.5 or e.y1 > box.y1 + 0.5:
+            out.append(t.get_text())
+    drawn = fig.get_tightbbox()  # inches; only what is drawn
+    w, h = fig.get_size_inches()
+    if drawn.x0 < -0.01 or drawn.y0 < -0.01 or drawn.x1 > w + 0.01 or drawn.y1 > h + 0.01:
+        out.append(f"drawn area {drawn.bounds} exceeds the figure ({w} x {h} in)")
+    return out
+
+
+def test_figures_keep_every_text_inside_the_figure(tmp_path):
+    """No title, label or legend is clipped, even before ``bbox_inches="tight"``: e.g. notebook 04's
+    two-row temperature sweep, whose y-label is taller than the figure."""
+    history = [{"step": s, "loss": 3.0 / s, "val_nll": 3.5 / s} for s in range(1, 30)]
+    figures = {
+        "temperature sweep": plotting.plot_temperature_sweep(
+            {0.7: _images(16, h=28, w=28), 1.0: _images(16, h=28, w=28, seed=1)},
+            title="GLOW teacher samples on fashion-mnist (pixel intensity)", path=tmp_path / "t.png"),
+        "sample rows": plotting.plot_sample_rows(
+            {"Teacher": _images(12, h=28, w=28), "ILKD Student": _images(12, h=28, w=28, seed=2)},
+            title="fashion-mnist: same noise, T = 0.7", path=tmp_path / "s.png"),
+        "interpolation": plotting.plot_interpolation(
+            torch.stack([_images(8, h=28, w=28, seed=s) for s in range(3)]), [i / 7 for i in range(8)],
+            title="Teacher: norm-preserving interpolation between test images (T = 1.0)",
+            path=tmp_path / "i.png"),
+        "samples": plotting.plot_samples(_images(4), nrow=4,
+                                         title="a long title for a small grid of samples"),
+        "curves": plotting.plot_training_curves(history,
+                                                title="MAF teacher on patches: NLL (nats) per step"),
+        "gap closure": plotting.plot_gap_closure(
+            plotting.gap_closures(_summary()), path=tmp_path / "g.png",
+            title="How much of the student-teacher gap distillation closed (test log-likelihood)"),
+    }
+    clipped = {name: _texts_outside(fig) for name, fig in figures.items()}
+    assert not any(clipped.values()), clipped
+    assert "temperature" in figures["temperature sweep"].axes[0].get_ylabel()  # wrapped, not dropped
+
+
+def test_fast_mode_banner_is_shown_in_fast_mode_only(capsys):
+    assert plotting.fast_mode_banner(True) is None
+    shown = capsys.readouterr().out  # outside Jupyter, IPython's display prints the plain-text form
+    assert plotting.FAST_MODE_TEXT in shown and "configs/cpu.yaml" in shown
+    plotting.fast_mode_banner(False)
+    assert capsys.readouterr().out == ""
+    html = plotting._Banner(plotting.FAST_MODE_TEXT, "detail")._repr_html_()
+    assert plotting.FAST_MODE_TEXT in html and "border" in html

@@ -1,11 +1,16 @@
 """The papermill runner: parameter checking, selection, failure reporting."""
 
 import json
+import os
+import re
+from pathlib import Path
 
 import nbformat
 import pytest
 
 from flowlib import run
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _notebook(path, params_src, body_src):
@@ -44,9 +49,12 @@ def test_fast_and_cli_parameters_go_only_where_declared(tmp_path):
     with pytest.raises(run.RunnerError, match="unknown parameter"):
         run.build_parameters([b], {"seed": 4}, fast=False)
     # with --only, a parameter file for the whole run is checked against every notebook, not the selection
-    assert run.build_parameters([b], {"seed": 4}, fast=False, known_from=[a, b]) == {b: {}}
+    assert run.build_parameters([b], {}, fast=False, known_from=[a, b], from_file={"seed": 4}) == {b: {}}
     with pytest.raises(run.RunnerError, match="unknown parameter"):
-        run.build_parameters([b], {"sead": 4}, fast=False, known_from=[a, b])
+        run.build_parameters([b], {}, fast=False, known_from=[a, b], from_file={"sead": 4})
+    # ... but a parameter given on the command line must be declared by a selected notebook
+    with pytest.raises(run.RunnerError, match="seed is declared only by 01_a"):
+        run.build_parameters([b], {"seed": 4}, fast=False, known_from=[a, b])
 
 
 def test_runs_in_order_and_reports_the_failing_cell(tmp_path, capsys):
@@ -54,13 +62,20 @@ def test_runs_in_order_and_reports_the_failing_cell(tmp_path, capsys):
     nbdir.mkdir()
     _notebook(nbdir / "01_ok.ipynb", "n = 2", "import pathlib\npathlib.Path(r'%s').write_text(str(n * 21))"
               % (tmp_path / "out.txt"))
-    _notebook(nbdir / "02_bad.ipynb", "n = 1", "raise ValueError('broken on purpose')")
+    _notebook(nbdir / "02_bad.ipynb", "n = 1", "x = n + 1")
+    bad = nbformat.read(nbdir / "02_bad.ipynb", as_version=4)
+    bad.cells += [nbformat.v4.new_markdown_cell("# the cell below fails"),
+                  nbformat.v4.new_code_cell("\n# fails on purpose\nraise ValueError('broken on purpose')")]
+    nbformat.write(bad, nbdir / "02_bad.ipynb")
     out = tmp_path / "runs"
     code = run.main(["--notebook-dir", str(nbdir), "-p", "n", "3", "--output-dir", str(out)])
     captured = capsys.readouterr()
     assert code == 1
     assert (tmp_path / "out.txt").read_text() == "63"  # the first notebook ran with n = 3
-    assert "02_bad.ipynb failed in cell" in captured.err and "broken on purpose" in captured.err
+    # named as Jupyter shows it in the executed notebook: the parameters cell is In [1], papermill's
+    # injected parameters In [2], x = n + 1 In [3]; and as the third code cell of the notebook itself
+    assert "02_bad.ipynb failed in cell In [4]: ValueError: broken on purpose" in captured.err
+    assert "(code cell 3 of " in captured.err and "starts: # fails on purpose" in captured.err
     summary = json.loads((out / "summary.json").read_text())
     assert [s["status"] for s in summary] == ["ok", "failed"]
     assert (out / "01_ok.ipynb").exists()
@@ -182,3 +197,135 @@ def test_jobs_stop_at_the_first_failure(tmp_path, capsys):
     assert summary == {"01_bad": "failed", "02_slow": "ok"}  # the running one finished; nothing new started
     assert not (stamps / "03_never.start").exists()
     assert run.main(["--notebook-dir", str(nbdir), "--jobs", "0"]) == 1
+
+
+def _never_run(nbdir, name, params_src):
+    """A notebook that must not run: the tests below expect the runner to refuse the request first."""
+    _notebook(nbdir / f"{name}.ipynb", params_src, "raise RuntimeError('this notebook must not run')")
+
+
+def _one_error_line(capsys) -> str:
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err + captured.out
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    return lines[0]
+
+
+def test_parameter_values_must_have_the_type_of_the_declared_default(tmp_path, capsys):
+    nbdir = tmp_path / "nbs"
+    nbdir.mkdir()
+    _never_run(nbdir, "01_a", 'seed = 0\narchs = ["glow", "maf"]\nseeds = [0, 1, 2]\nlr = 0.001\n'
+                              'fast = False\nname = "x"\nanything = None')
+    base = ["--notebook-dir", str(nbdir), "--output-dir", str(tmp_path / "runs")]
+
+    def refused(*args) -> str:
+        assert run.main(base + list(args)) == 1
+        return _one_error_line(capsys)
+
+    err = refused("-p", "archs", "maf")
+    assert ("parameter 'archs' of 01_a expects a list of str such as [\"glow\", \"maf\"], got the str 'maf'; "
+            "write -p archs '[maf]'") in err
+    err = refused("-p", "seed", "abc")
+    assert "parameter 'seed' of 01_a expects an int such as 0, got the str 'abc'" in err
+    assert "parameter 'seeds' of 01_a expects a list of int" in refused("-p", "seeds", "3")
+    assert "write -p seeds '[3]'" in refused("-p", "seeds", "3")
+    assert "parameter 'seeds'" in refused("-p", "seeds", "[a, b]")  # the elements are checked too
+    assert "parameter 'seed' of 01_a expects an int" in refused("-p", "seed", "true")  # a bool is no int
+    assert "parameter 'fast' of 01_a expects a bool" in refused("-p", "fast", "1")
+    assert "parameter 'lr' of 01_a expects a float" in refused("-p", "lr", "fast")
+    # a parameters file is checked the same way, and named
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: abc\n")
+    assert f"parameter 'seed' of 01_a (in {bad}) expects an int such as 0" in refused("-f", str(bad))
+    assert not (tmp_path / "runs").exists()  # refused before anything ran
+    # what fits: an int where a float is declared (made a float), any text for a str, anything for None
+    a = nbdir / "01_a.ipynb"
+    cli = {"lr": 1, "name": 2024, "archs": ["maf"], "seeds": [], "anything": [1, "x"], "seed": 3}
+    params = run.build_parameters([a], cli, fast=False, cli_text={"name": "2024"})[a]
+    assert params == {**cli, "lr": 1.0, "name": "2024"} and isinstance(params["lr"], float)
+    with pytest.raises(run.RunnerError, match="parameter 'name' of 01_a .* expects a str"):
+        run.build_parameters([a], {}, fast=False, from_file={"name": 2024})  # YAML typed in a file
+
+
+def test_command_line_parameters_must_be_declared_by_a_selected_notebook(tmp_path, capsys):
+    nbdir = tmp_path / "nbs"
+    nbdir.mkdir()
+    _never_run(nbdir, "01_a", "seed = 0")
+    _never_run(nbdir, "02_b", "seed = 0\nsteps = 10")
+    args = ["--notebook-dir", str(nbdir), "--output-dir", str(tmp_path / "runs"), "--only", "01"]
+    assert run.main(args + ["-p", "steps", "2000"]) == 1
+    err = _one_error_line(capsys)
+    assert "steps is declared only by 02_b, which --only did not select" in err
+    assert run.main(args + ["-p", "stpes", "2000"]) == 1
+    assert "unknown parameter(s) stpes: no notebook declares them" in _one_error_line(capsys)
+    # a parameters file may hold the parameters of the other notebooks (one file serves any subset)...
+    (tmp_path / "all.yaml").write_text("seed: 1\nsteps: 2000\n")
+    a, b = nbdir / "01_a.ipynb", nbdir / "02_b.ipynb"
+    from_file = run.load_parameters_file(tmp_path / "all.yaml")
+    assert run.build_parameters([a], {}, False, known_from=[a, b], from_file=from_file) == {a: {"seed": 1}}
+    # ... but not names that no notebook declares
+    (tmp_path / "typo.yaml").write_text("stpes: 2000\n")
+    assert run.main(args + ["-f", str(tmp_path / "typo.yaml")]) == 1
+    assert "unknown parameter(s) stpes in " in _one_error_line(capsys)
+
+
+def test_the_shipped_parameters_file_fits_every_notebook_and_any_selection():
+    notebooks = run.discover()
+    from_file = run.load_parameters_file(ROOT / "configs" / "cpu.yaml")
+    for only in (None, ["05"]):
+        selected = run.select(notebooks, only)
+        params = run.build_parameters(selected, {}, False, known_from=notebooks, from_file=from_file)
+        assert set(params) == set(selected)
+
+
+def test_a_bad_parameters_file_or_output_folder_gives_one_error_line(tmp_path, capsys, monkeypatch):
+    nbdir = tmp_path / "nbs"
+    nbdir.mkdir()
+    _never_run(nbdir, "01_a", "seed = 0")
+    base = ["--notebook-dir", str(nbdir), "--output-dir", str(tmp_path / "runs")]
+    files = {"missing.yaml": None, "malformed.yaml": b"seed: [1, 2\nother: {",
+             "binary.yaml": bytes(range(256)), "nul.yaml": b"seed: 1\x00\x01", "list.yaml": b"- seed\n- 1\n",
+             "folder.yaml": "dir"}
+    for name, content in files.items():
+        if content == "dir":
+            (tmp_path / name).mkdir()
+        elif content is not None:
+            (tmp_path / name).write_bytes(content)
+        assert run.main(base + ["-f", str(tmp_path / name)]) == 1, name
+        assert name in _one_error_line(capsys)
+    # a relative -f path is taken from the current folder
+    monkeypatch.chdir(tmp_path)
+    Path("here.yaml").write_text("seed: 2.5\n")
+    assert run.main(base + ["-f", "here.yaml"]) == 1
+    assert "parameter 'seed' of 01_a (in here.yaml) expects an int" in _one_error_line(capsys)
+    # an output folder that cannot be written: a file stands in its way
+    (tmp_path / "a-file").write_text("")
+    for where in (tmp_path / "a-file", tmp_path / "a-file" / "runs"):
+        assert run.main(["--notebook-dir", str(nbdir), "--output-dir", str(where)]) == 1
+        assert f"cannot write executed notebooks (--output-dir) to {where}" in _one_error_line(capsys)
+
+
+def test_help_shows_no_markup_and_explains_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run.main(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert "``" not in text and ":func:" not in text
+    # each option's entry: its flags, then its help on the same line or indented on the next ones
+    entries = re.split(r"\n(?=  -)", text.split("options:")[1].strip("\n"))
+    flags = set()
+    for entry in entries:
+        first, *more = entry.splitlines()
+        invocation, _, help_text = first.strip().partition("  ")
+        assert (help_text + " ".join(more)).strip(), f"no help for {invocation}"
+        flags.update(re.findall(r"--[\w-]+", invocation))
+    assert {"--parameter", "--kernel", "--parameters-file", "--output-dir", "--jobs"} <= flags
+
+
+def test_run_json_records_paths_inside_the_repository_relative_to_it(tmp_path):
+    output = ROOT / "runs" / "20260101-000000"
+    manifest = run._Manifest(tmp_path / "results", output, ["--fast"])
+    assert manifest.invocation["executed_notebooks"] == os.path.join("runs", "20260101-000000")
+    outside = run._Manifest(tmp_path / "results", tmp_path / "elsewhere", [])
+    assert outside.invocation["executed_notebooks"] == str(tmp_path / "elsewhere")

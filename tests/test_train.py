@@ -180,21 +180,21 @@ def test_actnorm_initialises_on_the_first_real_batch():
     assert torch.allclose(actnorm.log_scale.exp(), seen[0].std(0, unbiased=False), atol=1e-5)
 
 
-def test_nan_batch_stops_at_that_step_and_keeps_checkpoints(tmp_path):
+def test_overflowing_batch_stops_at_that_step_and_keeps_checkpoints(tmp_path):
     snapshot = {}
 
     def hook(step, x):
         if step == 11:  # after the step-10 evaluation wrote both checkpoints
             snapshot.update({n: _bytes(tmp_path / n) for n in ("best.pt", "last.pt")})
-        if step == 13:
+        if step == 13:  # finite data that overflows float32 inside the first block
             x = x.clone()
-            x[0, 0] = float("nan")
+            x[0, 0] = 3e38
             return x
         return None
 
-    with pytest.raises(TrainingDiverged, match="step 13: the loss is not finite") as err:
+    with pytest.raises(TrainingDiverged, match="step 13: the value inside the model is not finite") as err:
         train(_maf(), TRAIN, VAL, BASE, checkpoint_dir=tmp_path, progress=False, batch_hook=hook)
-    assert err.value.step == 13 and err.value.what == "loss"
+    assert err.value.step == 13 and err.value.what == "value inside the model"
     assert math.isfinite(err.value.last_loss) and f"{err.value.last_loss:.6g}" in str(err.value)
     for name, content in snapshot.items():
         assert _bytes(tmp_path / name) == content, name
