@@ -45,9 +45,11 @@ inverse model (``1/2 log p_f + 1/2 log p_g``); here ``R`` is trained by the reco
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -55,14 +57,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from .bijectors import ActNorm, _cached_without_grad, cached_weights
-from .models import Encoding, Flow, Glow
+from .distill import latent_distance
+from .models import Encoding, Flow, Glow, standard_normal_logprob
 
 __all__ = [
+    "LIKELIHOOD_GRADS",
     "LeakyReLUFlow",
     "SelfNormConv2d",
     "SelfNormFC",
     "SelfNormGlow",
     "SelfNormLinear",
+    "adapt_recon_weights",
     "conv_operator",
     "exact_inverse",
     "exact_logdet_values",
@@ -75,23 +80,56 @@ __all__ = [
 
 
 class _SelfNormLogdet(torch.autograd.Function):
-    """A log-det whose value is given and whose gradient w.r.t. ``weight`` is a given surrogate.
+    """A log-det whose value is given and whose gradients are given surrogates.
 
-    ``apply(weight, surrogate_grad, value)`` returns ``value`` (a detached scalar: 0 or the exact
-    log-det); backward returns ``grad_output * surrogate_grad`` for ``weight`` (``R^T`` for a dense
-    layer, ``flip(r) * m`` for a convolution) and nothing for the other inputs, so ``R`` gets no
-    gradient from the log-det (it is trained by the reconstruction loss).
+    ``apply(weight, inverse_weight, grad_w, grad_r, value)`` returns ``value`` (a detached scalar: 0 or the
+    exact log-det); backward returns ``grad_output * grad_w`` for ``weight`` and ``grad_output * grad_r`` for
+    ``inverse_weight``. ``grad_w`` is the surrogate of ``d log|det W| / dW`` (``R^T`` for a dense layer,
+    ``flip(r) * m`` for a convolution) and ``grad_r`` that of ``d log|det W| / dR = -d log|det R| / dR``
+    (``-W^T``, ``-flip(w) * m``), each already scaled by the layer's share of the likelihood gradient.
     """
 
     @staticmethod
-    def forward(ctx, weight, surrogate_grad, value):
-        ctx.save_for_backward(surrogate_grad)
+    def forward(ctx, weight, inverse_weight, grad_w, grad_r, value):
+        ctx.save_for_backward(grad_w, grad_r)
         return value.clone()
 
     @staticmethod
     def backward(ctx, grad_output):
-        (surrogate_grad,) = ctx.saved_tensors
-        return grad_output * surrogate_grad, None, None
+        grad_w, grad_r = ctx.saved_tensors
+        return grad_output * grad_w, grad_output * grad_r, None, None, None
+
+
+class _SplitLikelihoodMap(torch.autograd.Function):
+    """``z = W x`` (``layer._apply_map(x, W)``) whose likelihood gradient is shared between ``W`` and ``R``
+    as in the official self-normalizing layers (Keller et al.'s ``SelfNormConvFunc``).
+
+    With ``dz`` the gradient arriving at ``z`` and ``dx = W^T dz`` the one passed on to ``x`` (unchanged):
+    ``W`` gets half of its usual ``dz x^T``, and ``R`` gets half of the gradient it would have if it were
+    the flow's parameter, with ``x = R z``: ``-dx z^T``. Both come from autograd on the plain map in the
+    backward pass (no hand-written products), so one code serves the dense layer and every convolution.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, inverse_weight, layer):
+        z = layer._apply_map(x, weight)
+        ctx.save_for_backward(x, weight, inverse_weight, z)
+        ctx.layer = layer
+        return z
+
+    @staticmethod
+    def backward(ctx, grad_z):
+        x, weight, inverse_weight, z = ctx.saved_tensors
+        layer = ctx.layer
+        with torch.enable_grad():
+            xd, wd = x.detach().requires_grad_(), weight.detach().requires_grad_()
+            grad_x, grad_w = torch.autograd.grad(layer._apply_map(xd, wd), (xd, wd), grad_z)
+            rd = inverse_weight.detach().requires_grad_()
+            (grad_r,) = torch.autograd.grad(layer._apply_map(z.detach(), rd), rd, -grad_x)
+        return grad_x, grad_w / 2, grad_r / 2, None
+
+
+LIKELIHOOD_GRADS = ("split", "forward")
 
 
 def _orthogonal(n: int) -> torch.Tensor:
@@ -104,11 +142,25 @@ class _SelfNormLayer(nn.Module):
 
     features: int
 
-    def __init__(self, features: int, weight: torch.Tensor, exact: bool, recon_weight: float):
+    def __init__(self, features: int, weight: torch.Tensor, exact: bool, recon_weight: float,
+                 likelihood_grad: str = "split", sym_recon: bool = False, recon_lr: float = 0.0,
+                 recon_alpha: float = 0.9):
         super().__init__()
-        if recon_weight < 0:
-            raise ValueError(f"recon_weight (lambda) must be >= 0, got {recon_weight}")
+        if not (isinstance(recon_weight, (int, float)) and math.isfinite(recon_weight) and recon_weight >= 0):
+            raise ValueError(f"recon_weight (lambda) must be a finite number >= 0, got {recon_weight}")
+        if likelihood_grad not in LIKELIHOOD_GRADS:
+            raise ValueError(f"likelihood_grad must be one of {', '.join(LIKELIHOOD_GRADS)}, got "
+                             f"{likelihood_grad!r}")
+        if not (math.isfinite(recon_lr) and recon_lr >= 0) or not 0 <= recon_alpha < 1:
+            raise ValueError(f"need recon_lr >= 0 and 0 <= recon_alpha < 1, got recon_lr={recon_lr}, "
+                             f"recon_alpha={recon_alpha}")
         self.features, self.exact, self.recon_weight = features, bool(exact), float(recon_weight)
+        self.likelihood_grad, self.sym_recon = likelihood_grad, bool(sym_recon)
+        self.recon_lr, self.recon_alpha = float(recon_lr), float(recon_alpha)
+        if self.recon_lr > 0:  # the adaptive weight and its moving average live in the state_dict
+            self.register_buffer("adaptive_recon_weight", torch.tensor(float(recon_weight),
+                                                                       dtype=torch.float64))
+            self.register_buffer("recon_ema", torch.tensor(math.nan, dtype=torch.float64))
         self.weight = nn.Parameter(weight)
         # R starts as W^T, the exact inverse of the orthogonal initial W (paper's initialisation).
         if exact:
@@ -135,6 +187,11 @@ class _SelfNormLayer(nn.Module):
         raise NotImplementedError
 
     def _surrogate_grad(self, x: torch.Tensor) -> torch.Tensor:
+        """Surrogate of ``d log|det W| / dW`` built from ``R`` (exact when ``R = W^-1``)."""
+        raise NotImplementedError
+
+    def _inverse_surrogate_grad(self, x: torch.Tensor) -> torch.Tensor:
+        """Surrogate of ``d log|det R| / dR`` built from ``W`` (exact when ``R = W^-1``)."""
         raise NotImplementedError
 
     def _solve(self, y: torch.Tensor) -> torch.Tensor:
@@ -160,19 +217,59 @@ class _SelfNormLayer(nn.Module):
 
     def forward(self, x: torch.Tensor):
         self._check(x)
-        y = self._apply_map(x, self.weight)
         if not self._selfnorm_active():
-            return y, self._exact_logdet(x).expand(x.shape[0])
-        xd = x.detach()
-        x_hat = self._apply_map(self._apply_map(xd, self.weight), self.inverse_weight)
-        self._recon = (xd - x_hat).pow(2).reshape(x.shape[0], -1).sum(dim=1).mean()
+            return self._apply_map(x, self.weight), self._exact_logdet(x).expand(x.shape[0])
+        split = self.likelihood_grad == "split"
+        if split:  # the same value; W and R share the data term's gradient (_SplitLikelihoodMap)
+            y = _SplitLikelihoodMap.apply(x, self.weight, self.inverse_weight, self)
+        else:
+            y = self._apply_map(x, self.weight)
+        self._recon = self._reconstruction_error(x.detach())
         if self.logdet_value_in_training:
             with torch.no_grad():
                 value = self._logdet_of(self.weight.detach(), x)
         else:
             value = x.new_zeros(())
-        logdet = _SelfNormLogdet.apply(self.weight, self._surrogate_grad(x).detach(), value)
+        with torch.no_grad():
+            grad_w = self._surrogate_grad(x)
+            grad_r = -self._inverse_surrogate_grad(x) / 2 if split else torch.zeros_like(self.inverse_weight)
+            grad_w = grad_w / 2 if split else grad_w
+        logdet = _SelfNormLogdet.apply(self.weight, self.inverse_weight, grad_w, grad_r, value)
         return y, logdet.expand(x.shape[0])
+
+    def _reconstruction_error(self, xd: torch.Tensor) -> torch.Tensor:
+        """``mean_n ||x - R W x||^2`` (x detached); with ``sym_recon``, averaged with ``||z - W R z||^2``
+        (``z = W x``; the target ``z`` detached), the official layers' symmetric option."""
+        per_sample = lambda t: t.pow(2).flatten(1).sum(dim=1)  # noqa: E731
+        z = self._apply_map(xd, self.weight)
+        x_hat = self._apply_map(z, self.inverse_weight)
+        error = per_sample(xd - x_hat)
+        if self.sym_recon:
+            z_hat = self._apply_map(self._apply_map(z, self.inverse_weight), self.weight)
+            error = (error + per_sample(z.detach() - z_hat)) / 2
+        return error.mean()
+
+    @property
+    def current_recon_weight(self) -> float:
+        """The reconstruction weight ``lambda`` in force: ``recon_weight``, or its adapted value when
+        ``recon_lr > 0`` (:func:`adapt_recon_weights`)."""
+        return float(self.adaptive_recon_weight) if self.recon_lr > 0 else self.recon_weight
+
+    @torch.no_grad()
+    def adapt_recon_weight(self) -> None:
+        """One step of the official layers' adaptive weight (``recon_loss_lr``, a GECO-style update):
+        ``ema <- alpha ema + (1 - alpha) E`` (the first ``E`` starts it), then
+        ``lambda <- lambda exp(lr ema)``, with ``E`` the last reconstruction error. Since ``E >= 0`` this only
+        raises ``lambda``, faster while the inverse is poor (as in the official code, which sets no target).
+        No-op when ``recon_lr == 0``."""
+        if self.recon_lr == 0 or self.exact or self._recon is None:
+            return
+        error = self._recon.detach().to(torch.float64)
+        if torch.isnan(self.recon_ema):
+            self.recon_ema.copy_(error)
+        else:
+            self.recon_ema.mul_(self.recon_alpha).add_((1 - self.recon_alpha) * error)
+        self.adaptive_recon_weight.mul_(torch.exp(self.recon_lr * self.recon_ema))
 
     def inverse(self, y: torch.Tensor):
         """Decode: ``x = R y`` (learned inverse) or, in :func:`exact_inverse` / ``exact=True``, the solve
@@ -196,7 +293,7 @@ class _SelfNormLayer(nn.Module):
                 f"{type(self).__name__} has no reconstruction term yet: run a forward pass in training "
                 "mode with gradients enabled (model.train()) before collecting selfnorm_loss(model)"
             )
-        return self.recon_weight * self._recon
+        return self.current_recon_weight * self._recon
 
 
 class SelfNormLinear(_SelfNormLayer):
@@ -209,10 +306,10 @@ class SelfNormLinear(_SelfNormLayer):
     ``exact=True``: the exact-gradient twin (no ``R``, ``slogdet`` with autograd).
     """
 
-    def __init__(self, dim: int, exact: bool = False, recon_weight: float = 1.0):
+    def __init__(self, dim: int, exact: bool = False, recon_weight: float = 1.0, **options):
         if dim < 1:
             raise ValueError(f"SelfNormLinear needs dim >= 1, got {dim}")
-        super().__init__(dim, _orthogonal(dim), exact, recon_weight)
+        super().__init__(dim, _orthogonal(dim), exact, recon_weight, **options)
 
     @staticmethod
     def _transpose_kernel(w):
@@ -232,6 +329,9 @@ class SelfNormLinear(_SelfNormLayer):
 
     def _surrogate_grad(self, x):
         return self.inverse_weight.T
+
+    def _inverse_surrogate_grad(self, x):
+        return self.weight.T
 
     def _solve(self, y):
         return torch.linalg.solve(self.weight, y.T).T
@@ -276,14 +376,14 @@ class SelfNormConv2d(_SelfNormLayer):
     """
 
     def __init__(self, channels: int, kernel_size: int = 1, exact: bool = False, recon_weight: float = 1.0,
-                 max_operator_dim: int = 8192):
+                 max_operator_dim: int = 8192, **options):
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd and >= 1 (\"same\" padding), got {kernel_size}")
         if channels < 1:
             raise ValueError(f"SelfNormConv2d needs channels >= 1, got {channels}")
         weight = torch.zeros(channels, channels, kernel_size, kernel_size)
         weight[:, :, kernel_size // 2, kernel_size // 2] = _orthogonal(channels)
-        super().__init__(channels, weight, exact, recon_weight)
+        super().__init__(channels, weight, exact, recon_weight, **options)
         self.kernel_size = kernel_size
         self.max_operator_dim = max_operator_dim
         self._last_hw: tuple[int, int] | None = None
@@ -329,6 +429,10 @@ class SelfNormConv2d(_SelfNormLayer):
     def _surrogate_grad(self, x):
         m = self._multiplicity(x.shape[2], x.shape[3], self.weight)
         return self._transpose_kernel(self.inverse_weight) * m
+
+    def _inverse_surrogate_grad(self, x):
+        m = self._multiplicity(x.shape[2], x.shape[3], self.weight)  # symmetric: flip(m) = m
+        return self._transpose_kernel(self.weight) * m
 
     def _solve(self, y):
         n, c, h, w = y.shape
@@ -397,7 +501,7 @@ class SelfNormFC(Flow):
     """
 
     def __init__(self, dim: int, layers: int = 2, exact: bool = False, recon_weight: float = 1.0,
-                 negative_slope: float = 0.1):
+                 negative_slope: float = 0.1, **options):
         super().__init__()
         if dim < 1 or layers < 1:
             raise ValueError(f"dim and layers must be >= 1, got dim={dim}, layers={layers}")
@@ -406,7 +510,7 @@ class SelfNormFC(Flow):
         self.exact = exact
         self.blocks = nn.ModuleList()
         for i in range(layers):
-            block = [ActNorm(dim), SelfNormLinear(dim, exact=exact, recon_weight=recon_weight)]
+            block = [ActNorm(dim), SelfNormLinear(dim, exact=exact, recon_weight=recon_weight, **options)]
             if i < layers - 1:
                 block.append(LeakyReLUFlow(negative_slope))
             self.blocks.append(nn.ModuleList(block))
@@ -435,19 +539,21 @@ class SelfNormGlow(Glow):
 
     Every flow step is ``ActNorm -> SelfNormLinear`` (tabular) or ``SelfNormConv2d(kernel_size)``
     (images) ``-> AffineCoupling``, replacing Glow's LU layer by an unconstrained ``W`` trained with the
-    surrogate gradient (the paper's "SNF Glow"; it uses ``lambda`` of 100-1000 for image models).
-    ``exact=True`` is the exact-gradient twin (unconstrained ``W``, ``slogdet`` gradient).
+    surrogate gradient (the paper's "SNF Glow"). ``recon_weight`` defaults to 100, the official code's
+    value for its MNIST Glow (``selfnorm_glow_mnist.py``; the paper uses 100-1000 for image models).
+    ``exact=True`` is the exact-gradient twin (unconstrained ``W``, ``slogdet`` gradient). ``options``
+    (``likelihood_grad``, ``sym_recon``, ``recon_lr``, ``recon_alpha``) go to every self-normalizing layer.
     """
 
     def __init__(self, shape, levels: int | None = None, depth: int = 8, hidden: int = 64,
-                 exact: bool = False, recon_weight: float = 1.0, kernel_size: int = 1):
+                 exact: bool = False, recon_weight: float = 100.0, kernel_size: int = 1, **options):
         super().__init__(shape, levels=levels, depth=depth, hidden=hidden)
         self.exact, self.kernel_size = exact, kernel_size
         steps = self.steps if not self.image else [s for level in self.level_steps for s in level]
         for step in steps:
             f = step.mix.features
-            step.mix = (SelfNormConv2d(f, kernel_size, exact=exact, recon_weight=recon_weight) if self.image
-                        else SelfNormLinear(f, exact=exact, recon_weight=recon_weight))
+            kw = dict(exact=exact, recon_weight=recon_weight, **options)
+            step.mix = SelfNormConv2d(f, kernel_size, **kw) if self.image else SelfNormLinear(f, **kw)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", exact={self.exact}, kernel_size={self.kernel_size}"
@@ -471,6 +577,14 @@ def selfnorm_loss(model: nn.Module) -> torch.Tensor:
     for layer in layers[1:]:
         total = total + layer.reconstruction_loss()
     return total
+
+
+def adapt_recon_weights(model: nn.Module) -> None:
+    """After a training step: update the adaptive reconstruction weight of every layer built with
+    ``recon_lr > 0`` (:meth:`_SelfNormLayer.adapt_recon_weight`); layers with a fixed weight are left as they
+    are. :func:`fit` calls it after every optimizer step."""
+    for layer in selfnorm_layers(model):
+        layer.adapt_recon_weight()
 
 
 def inverse_errors(model: nn.Module) -> list[float]:
@@ -544,36 +658,65 @@ def exact_test_nll(model: nn.Module, x: torch.Tensor, preprocess: Preprocess | N
 
 def fit(model: nn.Module, x_train: torch.Tensor, x_val: torch.Tensor | None = None, *, steps: int,
         batch_size: int = 128, lr: float = 1e-3, seed: int = 0, preprocess: Preprocess | None = None,
-        eval_every: int | None = None, progress: bool = True, desc: str | None = None) -> list[dict]:
+        eval_every: int | None = None, progress: bool = True, desc: str | None = None,
+        patience: int | None = None, teacher: nn.Module | None = None, distill: str = "ilkd",
+        distill_weight: float | None = None, pairs: Sequence[tuple[int, int]] | None = None,
+        distance: str = "mse") -> list[dict]:
     """Train a self-normalizing flow (or its exact twin) by maximum likelihood; returns the history.
 
     Minimises ``-model.log_prob(x).mean() + selfnorm_loss(model)`` with Adam (``lr``) on minibatches of
     ``batch_size`` drawn with replacement from ``x_train`` by a generator seeded with ``seed``; the same
     generator draws ``preprocess``'s noise, so an exact twin and a self-normalizing model built from the
     same ``torch.manual_seed`` see the same batches. Before the first step one batch is passed through
-    the model without gradients (ActNorm's data-dependent initialisation).
+    the model without gradients (ActNorm's data-dependent initialisation). After every step the adaptive
+    reconstruction weights move (:func:`adapt_recon_weights`; only layers built with ``recon_lr > 0``).
 
     For a self-normalizing model the training objective is *not* a likelihood (its value omits the
     layers' ``log|det W|``, see the module docstring); for the exact twin it is the batch NLL. What is
     comparable between the two is ``val_nll``, the exact NLL (:func:`exact_test_nll`, nats per example)
     of ``x_val``.
 
+    ``patience`` (with ``x_val``): stop once ``val_nll`` has not improved for that many evaluations, and
+    in every case end with the weights of the best evaluation (``steps`` is then a cap); the history's
+    last record says ``stopped`` (the step of the last evaluation) and ``best_step``.
+
+    ``teacher`` (a trained flow, used frozen and in eval mode): add latent knowledge distillation, Eq. 12
+    (``distill="lkd"``: the final latents) or Eq. 13 (``"ilkd"``: the mean over ``pairs`` of
+    ``(student_index, teacher_index)`` into the models' ``latents``, the official code's averaging) with
+    ``distance`` (``"mse"``, as the official code; or ``"l1"``). The loss is
+    ``NLL + selfnorm_loss + distill_weight * distance``; the default weight,
+    ``(0.1 / 0.9) * D ln 2``, is the paper's ``lambda = (0.9, 0.1)`` with the NLL in bits per dimension
+    (the official code's unit for images), rescaled so that the NLL stays in nats as in the plain run.
+
     History: one record at step 0 (after the initialisation pass) and every ``eval_every`` steps (default
     ``steps // 20``) and at the last step, each a dict with ``step``; ``loss`` and ``recon`` (means of
-    the objective and of ``selfnorm_loss`` over the steps since the previous record; not at step 0);
-    ``val_nll`` (if ``x_val`` is given); ``inverse_errors`` (``||R W - I||_F`` per self-normalizing
-    layer, 0 for the exact twin) and their maximum ``inverse_error``; ``time`` (seconds spent in
-    training steps so far, evaluation excluded). Raises ``FloatingPointError`` if the loss stops being
-    finite.
+    the objective and of ``selfnorm_loss`` over the steps since the previous record; not at step 0) and
+    ``latent`` (the distillation distance, with a teacher); ``val_nll`` (if ``x_val`` is given);
+    ``inverse_errors`` (``||R W - I||_F`` per self-normalizing layer, 0 for the exact twin) and their
+    maximum ``inverse_error``; ``time`` (seconds spent in training steps so far, evaluation excluded).
+    Raises ``FloatingPointError`` if the loss stops being finite.
     """
     if steps < 0 or batch_size < 1:
         raise ValueError(f"need steps >= 0 and batch_size >= 1, got steps={steps}, batch_size={batch_size}")
     eval_every = max(1, steps // 20) if eval_every is None else int(eval_every)
     if eval_every < 1:
         raise ValueError(f"eval_every must be >= 1, got {eval_every}")
+    if patience is not None and (x_val is None or patience < 1):
+        raise ValueError(f"patience needs x_val and must be >= 1, got patience={patience}")
     if not selfnorm_layers(model):
         raise ValueError(f"{type(model).__name__} has no self-normalizing layers: fit() trains the models "
                          "of this module (SelfNormFC, SelfNormGlow and their exact twins)")
+    if teacher is not None:
+        if distill not in ("lkd", "ilkd"):
+            raise ValueError(f"distill must be 'lkd' or 'ilkd', got {distill!r}")
+        if distill == "ilkd" and not pairs:
+            raise ValueError("ILKD needs pairs=[(student_index, teacher_index), ...] into the models' "
+                             "latents")
+        if distill_weight is None:
+            distill_weight = 0.1 / 0.9 * math.prod(model.input_shape) * math.log(2.0)
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
     g = torch.Generator().manual_seed(seed)
     n = x_train.shape[0]
 
@@ -591,45 +734,74 @@ def fit(model: nn.Module, x_train: torch.Tensor, x_val: torch.Tensor | None = No
         rec.update(inverse_errors=errs, inverse_error=max(errs), time=elapsed)
         return rec
 
+    def objective(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        if teacher is None:
+            return -model.log_prob(x).mean(), selfnorm_loss(model), None
+        enc = model.encode(x)
+        nll = -(standard_normal_logprob(enc.z) + enc.logdet).mean()
+        with torch.no_grad():
+            t_enc = teacher.encode(x)
+        if distill == "lkd":
+            latent = latent_distance(t_enc.flat(), enc.flat(), distance)
+        else:
+            latent = sum(latent_distance(t_enc.latents[j], enc.latents[i], distance) for i, j in pairs)
+            latent = latent / len(pairs)
+        return nll, selfnorm_loss(model), latent
+
     model.train()
     with torch.no_grad():
         model.log_prob(batch())
     history = [record(0, {}, 0, 0.0)]
+    best = (history[0].get("val_nll", math.inf), 0, copy.deepcopy(model.state_dict()))
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sums, count, elapsed = {"loss": 0.0, "recon": 0.0}, 0, 0.0
+    keys = ("loss", "recon") + (("latent",) if teacher is not None else ())
+    sums, count, elapsed, waited = dict.fromkeys(keys, 0.0), 0, 0.0, 0
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, desc=desc or type(model).__name__, leave=False)
+    teacher_weights = cached_weights(teacher) if teacher is not None else contextlib.nullcontext()
     try:
-        for step in range(1, steps + 1):
-            t0 = time.perf_counter()
-            x = batch()
-            opt.zero_grad(set_to_none=True)
-            nll = -model.log_prob(x).mean()
-            recon = selfnorm_loss(model)
-            loss = nll + recon
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"training loss became {loss.item()} at step {step}")
-            loss.backward()
-            opt.step()
-            elapsed += time.perf_counter() - t0
-            sums["loss"] += loss.item()
-            sums["recon"] += recon.item()
-            count += 1
-            if step % eval_every == 0 or step == steps:
-                history.append(record(step, sums, count, elapsed))
-                sums, count = {"loss": 0.0, "recon": 0.0}, 0
-                if bar is not None:
+        with teacher_weights:
+            for step in range(1, steps + 1):
+                t0 = time.perf_counter()
+                x = batch()
+                opt.zero_grad(set_to_none=True)
+                nll, recon, latent = objective(x)
+                loss = nll + recon if latent is None else nll + recon + distill_weight * latent
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"training loss became {loss.item()} at step {step}")
+                loss.backward()
+                opt.step()
+                adapt_recon_weights(model)
+                elapsed += time.perf_counter() - t0
+                sums["loss"] += loss.item()
+                sums["recon"] += recon.item()
+                if latent is not None:
+                    sums["latent"] += latent.item()
+                count += 1
+                if step % eval_every == 0 or step == steps:
+                    history.append(record(step, sums, count, elapsed))
+                    sums, count = dict.fromkeys(keys, 0.0), 0
                     last = history[-1]
-                    post = {"loss": f"{last['loss']:.4g}", "max ||RW-I||": f"{last['inverse_error']:.2g}"}
-                    if x_val is not None:
-                        post["val_nll"] = f"{last['val_nll']:.4g}"
-                    bar.set_postfix(post, refresh=False)
-            if bar is not None:
-                bar.update(1)
+                    if x_val is not None and last["val_nll"] < best[0]:
+                        best, waited = (last["val_nll"], step, copy.deepcopy(model.state_dict())), 0
+                    else:
+                        waited += 1
+                    if bar is not None:
+                        post = {"loss": f"{last['loss']:.4g}", "max ||RW-I||": f"{last['inverse_error']:.2g}"}
+                        if x_val is not None:
+                            post["val_nll"] = f"{last['val_nll']:.4g}"
+                        bar.set_postfix(post, refresh=False)
+                    if patience is not None and waited >= patience:
+                        break
+                if bar is not None:
+                    bar.update(1)
     finally:
         if bar is not None:
             bar.close()
+    if patience is not None:
+        model.load_state_dict(best[2])
+        history[-1].update(stopped=history[-1]["step"], best_step=best[1], best_val_nll=best[0])
     return history

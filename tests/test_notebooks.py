@@ -264,6 +264,22 @@ def test_09_self_normalizing_flows(fast_run):
         assert row["exact_ms"] > 0 and row["snf_ms"] > 0 and row["speedup"] > 0
     for clock in ("wall", "cpu"):
         assert all(math.isfinite(v) for v in t["exponents"][clock].values()), clock
+    # the official split: W and R each get half of their own form's exact gradient at R = W^-1
+    split = r["split_gradient_check"]
+    assert split["w_vs_half_exact"] < 1e-8 and split["r_vs_half_exact"] < 1e-8
+    assert {row["variant"] for row in r["variants"]["rows"]} == {
+        "split (default)", "one-sided (forward)", "split + symmetric recon", "split + adaptive lambda"}
+    # 784-D: exact and SNF twins of both families, exact NLL of the pixels (positive, a few bits/dim)
+    dim = r["mnist_dim"]
+    assert dim["dim"] == 784 and set(dim["summary"]) == {"fc", "glow"}
+    for rec in dim["runs"]:
+        assert 0 < rec["test_bpd"] < 12 and rec["stopped"] >= rec["best_step"] and rec["s_per_epoch"] > 0
+    distilled = r["distilled_snf"]
+    assert distilled["pairs"] == [[0, 1], [1, 3]]  # 2 student blocks against 4 teacher blocks
+    for method in ("lkd", "ilkd"):
+        m = distilled["methods"][method]
+        assert m["step_cost_ratio"] > 1  # one teacher pass more per step
+        assert len(m["nll"]) == len(distilled["alone_nll"])
 
 
 @pytest.mark.slow

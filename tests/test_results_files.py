@@ -112,3 +112,18 @@ def test_verdicts_figures_and_report_exist():
         assert path.exists() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", figure
     report = (RESULTS / "REPORT.md").read_text()
     assert "Table 1 analogue" in report and "configs/cpu.yaml" in report
+
+
+def test_selfnorm_784_study_has_paired_seeds_and_records_where_training_stopped():
+    r = _load("09_self_normalizing_flows")["results"]
+    dim = r["mnist_dim"]
+    for name, m in dim["summary"].items():
+        runs = [x for x in dim["runs"] if x["model"] == name]
+        assert len(runs) >= 6, name  # >= 3 seeds, exact and SNF
+        ci = m["snf_minus_exact"]
+        assert ci["n"] >= 3 and ci["low"] <= ci["mean"] <= ci["high"], name
+        for x in runs:
+            assert x["best_step"] <= x["stopped"] <= dim["steps_cap"], (name, x["seed"], x["kind"])
+    distilled = r["distilled_snf"]
+    for method, m in distilled["methods"].items():
+        assert m["distilled_minus_alone"]["n"] >= 3, method

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.autograd.functional import jacobian
 
 from flowlib.bijectors import InvertibleLinear
@@ -18,6 +19,7 @@ from flowlib.selfnorm import (
     SelfNormFC,
     SelfNormGlow,
     SelfNormLinear,
+    adapt_recon_weights,
     conv_operator,
     exact_inverse,
     exact_logdet_values,
@@ -45,10 +47,13 @@ def _conv_jacobian_operator(w: torch.Tensor, c: int, h: int, wd: int) -> torch.T
 
 # ---------------------------------------------------------------------------------------------- gradients
 
-def test_linear_surrogate_gradient_equals_exact_when_r_is_the_inverse():
+@pytest.mark.parametrize("likelihood_grad", ["forward", "split"])
+def test_linear_surrogate_gradient_equals_exact_when_r_is_the_inverse(likelihood_grad):
+    """With R = W^-1 the surrogate is exact: "forward" gives W the whole exact gradient; "split" (the official
+    code) gives W half of it and R half of the exact gradient of the same loss written in R (x = R z)."""
     torch.manual_seed(0)
     d = 6
-    layer = SelfNormLinear(d).double()
+    layer = SelfNormLinear(d, likelihood_grad=likelihood_grad).double()
     with torch.no_grad():
         layer.weight.add_(0.4 * torch.randn(d, d, dtype=torch.float64))
         layer.inverse_weight.copy_(torch.linalg.inv(layer.weight))
@@ -61,11 +66,17 @@ def test_linear_surrogate_gradient_equals_exact_when_r_is_the_inverse():
 
     w = layer.weight.detach().clone().requires_grad_(True)
     (_gauss_nll(x @ w.T) - torch.linalg.slogdet(w)[1]).mean().backward()
-    assert torch.allclose(layer.weight.grad, w.grad, atol=1e-6, rtol=0), (
-        f"max diff {(layer.weight.grad - w.grad).abs().max():.3e}"
+    share = 0.5 if likelihood_grad == "split" else 1.0
+    assert torch.allclose(layer.weight.grad, share * w.grad, atol=1e-6, rtol=0), (
+        f"max diff {(layer.weight.grad - share * w.grad).abs().max():.3e}"
     )
-    # the exact inverse reconstructs perfectly: R receives (numerically) zero gradient
-    assert layer.inverse_weight.grad.abs().max() < 1e-10
+    if likelihood_grad == "forward":  # R = W^-1 reconstructs perfectly: R gets (numerically) no gradient
+        assert layer.inverse_weight.grad.abs().max() < 1e-10
+    else:  # the same loss as a function of R: -log p(x) = nll(R^-1 x) + log|det R|
+        r = layer.inverse_weight.detach().clone().requires_grad_(True)
+        (_gauss_nll(torch.linalg.solve(r, x.T).T) + torch.linalg.slogdet(r)[1]).mean().backward()
+        assert torch.allclose(layer.inverse_weight.grad, 0.5 * r.grad, atol=1e-6, rtol=0)
+        assert r.grad.abs().max() > 0.1  # (not vacuous)
 
 
 def test_linear_surrogate_gradient_is_r_transpose_for_any_r():
@@ -73,7 +84,7 @@ def test_linear_surrogate_gradient_is_r_transpose_for_any_r():
     tr(R W)."""
     torch.manual_seed(1)
     d = 5
-    layer = SelfNormLinear(d).double()
+    layer = SelfNormLinear(d, likelihood_grad="forward").double()
     perturb(layer, scale=0.5)
     x = torch.randn(4, d, dtype=torch.float64)
     layer.train()
@@ -113,7 +124,7 @@ def test_conv_surrogate_gradient_equals_exact_when_r_is_the_inverse(kernel_size)
     again a convolution; the data term still reaches all 9 taps."""
     torch.manual_seed(3)
     c, h, wd = 3, 3, 4
-    layer = SelfNormConv2d(c, kernel_size).double()
+    layer = SelfNormConv2d(c, kernel_size, likelihood_grad="forward").double()
     mid = kernel_size // 2
     with torch.no_grad():
         m = layer.weight[:, :, mid, mid] + 0.4 * torch.randn(c, c, dtype=torch.float64)
@@ -142,7 +153,7 @@ def test_conv_surrogate_is_flip_r_times_multiplicity(kernel_size, h, wd):
     padding; m counts kernel-entry multiplicity, clamped to 0 when the kernel exceeds the image)."""
     torch.manual_seed(4)
     c = 2
-    layer = SelfNormConv2d(c, kernel_size).double()
+    layer = SelfNormConv2d(c, kernel_size, likelihood_grad="forward").double()
     with torch.no_grad():
         layer.weight.copy_(torch.randn_like(layer.weight))
         layer.inverse_weight.copy_(torch.randn_like(layer.inverse_weight))
@@ -270,17 +281,18 @@ def test_errors_are_clear():
 # ------------------------------------------------------------------------------------------------ models
 
 MODELS = {
-    "fc": (lambda exact: SelfNormFC(4, layers=3, exact=exact), (4,)),
-    "glow-tab": (lambda exact: SelfNormGlow((4,), depth=2, hidden=8, exact=exact), (4,)),
-    "glow-img": (lambda exact: SelfNormGlow((2, 4, 4), levels=2, depth=1, hidden=4, exact=exact), (2, 4, 4)),
-    "glow-img-k3": (lambda exact: SelfNormGlow((1, 4, 4), levels=1, depth=1, hidden=4, exact=exact,
-                                               kernel_size=3), (1, 4, 4)),
+    "fc": (lambda exact, **kw: SelfNormFC(4, layers=3, exact=exact, **kw), (4,)),
+    "glow-tab": (lambda exact, **kw: SelfNormGlow((4,), depth=2, hidden=8, exact=exact, **kw), (4,)),
+    "glow-img": (lambda exact, **kw: SelfNormGlow((2, 4, 4), levels=2, depth=1, hidden=4, exact=exact, **kw),
+                 (2, 4, 4)),
+    "glow-img-k3": (lambda exact, **kw: SelfNormGlow((1, 4, 4), levels=1, depth=1, hidden=4, exact=exact,
+                                                     kernel_size=3, **kw), (1, 4, 4)),
 }
 
 
-def _initialised(make, shape, exact):
+def _initialised(make, shape, exact, **kw):
     torch.manual_seed(10)
-    model = make(exact).double()
+    model = make(exact, **kw).double()
     model.train()
     with torch.no_grad():
         model.log_prob(torch.randn(32, *shape, dtype=torch.float64) * 1.5 + 0.3)  # ActNorm init
@@ -308,12 +320,14 @@ def test_model_eval_log_prob_and_decode(name):
     assert s.shape == (2, *shape) and torch.isfinite(s).all()
 
 
+@pytest.mark.parametrize("likelihood_grad", ["forward", "split"])
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_model_training_gradient_equals_exact_twin_when_r_is_inverse(name):
+def test_model_training_gradient_equals_exact_twin_when_r_is_inverse(name, likelihood_grad):
     """The SNF training loss -log_prob(x).mean() + selfnorm_loss(model), with every R set to W^-1, has
-    the same gradient for every shared parameter as the exact-gradient twin's loss."""
+    the same gradient for every shared parameter as the exact-gradient twin's loss ("forward"); with the
+    official split, the self-normalizing layers' W get half of it and every other parameter all of it."""
     make, shape = MODELS[name]
-    snf = _initialised(make, shape, exact=False)
+    snf = _initialised(make, shape, exact=False, likelihood_grad=likelihood_grad)
     twin = make(True).double()
     missing, unexpected = twin.load_state_dict(snf.state_dict(), strict=False)
     assert not missing and all(k.endswith("inverse_weight") for k in unexpected) and unexpected
@@ -335,10 +349,12 @@ def test_model_training_gradient_equals_exact_twin_when_r_is_inverse(name):
     (-snf.log_prob(x).mean() + selfnorm_loss(snf)).backward()
     (-twin.log_prob(x).mean() + selfnorm_loss(twin)).backward()
     twin_params = dict(twin.named_parameters())
+    mixing = {f"{_name_of(snf, layer)}.weight" for layer in selfnorm_layers(snf)}
     for n, p in snf.named_parameters():
         if n.endswith("inverse_weight"):
             continue
-        assert torch.allclose(p.grad, twin_params[n].grad, atol=1e-6, rtol=0), n
+        share = 0.5 if likelihood_grad == "split" and n in mixing else 1.0
+        assert torch.allclose(p.grad, share * twin_params[n].grad, atol=1e-6, rtol=0), n
     assert selfnorm_loss(twin).item() == 0.0
 
 
@@ -438,3 +454,132 @@ def test_fit_lowers_exact_nll_and_pulls_r_to_the_inverse():
     assert [h["val_nll"] for h in again] == [h["val_nll"] for h in hist]
     with pytest.raises(ValueError, match="no self-normalizing layers"):
         fit(torch.nn.Linear(2, 2), x_train, steps=1)
+
+
+# ------------------------------------------------------------------- the official gradient split (issue 20)
+
+def _flip(kernel: torch.Tensor) -> torch.Tensor:
+    """The kernel of the transposed convolution: channels swapped, taps mirrored (official flip_kernel)."""
+    return kernel.transpose(0, 1).flip(2, 3)
+
+
+@pytest.mark.parametrize("case", ["dense", "conv1x1", "conv3x3"])
+def test_split_gradients_are_the_official_formulas(case):
+    """For any W and R (not inverses), the likelihood gradients of the default layer are the official
+    SelfNormConvFunc's: W gets (dz x^T - flip(R) m) / 2 and R gets (-dx (Wx)^T + flip(W) m) / 2, with
+    dz the gradient at z, dx = W^T dz the one passed to x, m the tap multiplicity; x's gradient is the
+    plain W^T dz. Loss: sum over the batch of the Gaussian NLL minus the (value 0) training log-det."""
+    torch.manual_seed(20)
+    n = 5
+    if case == "dense":
+        d = 4
+        layer = SelfNormLinear(d).double()
+        x = torch.randn(n, d, dtype=torch.float64, requires_grad=True)
+    else:
+        k, c, h, wd = (1, 3, 3, 4) if case == "conv1x1" else (3, 2, 3, 4)
+        layer = SelfNormConv2d(c, k).double()
+        x = torch.randn(n, c, h, wd, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():  # arbitrary kernels, R far from W^-1
+        layer.weight.copy_(torch.randn_like(layer.weight))
+        layer.inverse_weight.copy_(torch.randn_like(layer.inverse_weight))
+    layer.train()
+    z, ld = layer(x)
+    (_gauss_nll(z) - ld).sum().backward()
+
+    w, r, xd = layer.weight.detach(), layer.inverse_weight.detach(), x.detach()
+    if case == "dense":
+        zz = xd @ w.T
+        dz = zz  # d/dz of the Gaussian NLL
+        dx = dz @ w
+        grad_w = (dz.T @ xd - n * r.T) / 2
+        grad_r = (-dx.T @ zz + n * w.T) / 2
+    else:
+        pad = k // 2
+        zz = F.conv2d(xd, w, padding=pad)
+        dz = zz
+        dx = torch.nn.grad.conv2d_input(xd.shape, w, dz, padding=pad)
+        off = (torch.arange(k) - pad).abs()
+        m = ((h - off).clamp(min=0)[:, None] * (wd - off).clamp(min=0)[None, :]).double()
+        grad_w = (torch.nn.grad.conv2d_weight(xd, w.shape, dz, padding=pad) - n * _flip(r) * m) / 2
+        grad_r = (torch.nn.grad.conv2d_weight(zz, r.shape, -dx, padding=pad) + n * _flip(w) * m) / 2
+    torch.testing.assert_close(layer.weight.grad, grad_w, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(layer.inverse_weight.grad, grad_r, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(x.grad, dx, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(z, zz, rtol=0, atol=0)  # the split changes gradients, never the value
+
+
+def test_the_one_sided_option_gives_w_the_whole_gradient_and_r_none():
+    torch.manual_seed(21)
+    layer = SelfNormLinear(4, likelihood_grad="forward").double()
+    perturb(layer, scale=0.5)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    layer.train()
+    z, ld = layer(x)
+    (_gauss_nll(z) - ld).sum().backward()
+    w, r = layer.weight.detach(), layer.inverse_weight.detach()
+    torch.testing.assert_close(layer.weight.grad, (x @ w.T).T @ x - 3 * r.T, rtol=1e-10, atol=1e-10)
+    assert layer.inverse_weight.grad is None or not layer.inverse_weight.grad.any()
+
+
+@pytest.mark.parametrize("kernel_size", [0, 1, 3])
+def test_symmetric_reconstruction_averages_both_directions(kernel_size):
+    """sym_recon: (||x - R W x||^2 + ||z - W R z||^2) / 2 with the target z = W x detached (official)."""
+    torch.manual_seed(22)
+    lam = 3.0
+    if kernel_size == 0:
+        layer = SelfNormLinear(4, recon_weight=lam, sym_recon=True).double()
+        x = torch.randn(6, 4, dtype=torch.float64)
+        apply = lambda v, k: v @ k.T  # noqa: E731
+    else:
+        layer = SelfNormConv2d(2, kernel_size, recon_weight=lam, sym_recon=True).double()
+        x = torch.randn(6, 2, 3, 3, dtype=torch.float64)
+        apply = lambda v, k: F.conv2d(v, k, padding=kernel_size // 2)  # noqa: E731
+    perturb(layer, scale=0.3)
+    layer.train()
+    layer(x)
+    loss = selfnorm_loss(layer)
+    w = layer.weight.detach().clone().requires_grad_(True)
+    r = layer.inverse_weight.detach().clone().requires_grad_(True)
+    zz = apply(x, w)
+    forward = (x - apply(zz, r)).pow(2).flatten(1).sum(1)
+    backward = (zz.detach() - apply(apply(zz, r), w)).pow(2).flatten(1).sum(1)
+    expected = lam * ((forward + backward) / 2).mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    loss.backward()
+    expected.backward()
+    torch.testing.assert_close(layer.weight.grad, w.grad, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(layer.inverse_weight.grad, r.grad, rtol=1e-10, atol=1e-10)
+
+
+def test_adaptive_reconstruction_weight_follows_the_official_update():
+    """recon_lr > 0: ema <- alpha ema + (1 - alpha) E (started by the first E), lambda <- lambda exp(lr ema);
+    the weight and the average are buffers, so a checkpoint carries them."""
+    torch.manual_seed(23)
+    model = SelfNormFC(4, layers=1, recon_weight=2.0, recon_lr=0.1, recon_alpha=0.5)
+    layer = selfnorm_layers(model)[0]
+    assert {"blocks.0.1.adaptive_recon_weight", "blocks.0.1.recon_ema"} <= set(model.state_dict())
+    perturb(model, scale=0.3)
+    model.train()
+    lam, ema = 2.0, None
+    for _ in range(3):
+        model.log_prob(torch.randn(8, 4))
+        error = layer._recon.item()
+        assert selfnorm_loss(model).item() == pytest.approx(lam * error, rel=1e-6)
+        adapt_recon_weights(model)
+        ema = error if ema is None else 0.5 * ema + 0.5 * error
+        lam *= math.exp(0.1 * ema)
+        assert layer.current_recon_weight == pytest.approx(lam, rel=1e-6)
+    fixed = SelfNormFC(4, layers=1, recon_weight=2.0)
+    fixed.train()
+    fixed.log_prob(torch.randn(8, 4))
+    adapt_recon_weights(fixed)
+    assert selfnorm_layers(fixed)[0].current_recon_weight == 2.0
+
+
+def test_selfnorm_options_are_checked():
+    with pytest.raises(ValueError, match="likelihood_grad must be one of split, forward"):
+        SelfNormLinear(3, likelihood_grad="both")
+    with pytest.raises(ValueError, match="recon_lr"):
+        SelfNormLinear(3, recon_lr=-1.0)
+    assert SelfNormGlow((4,), depth=1, hidden=4).steps[0].mix.recon_weight == 100.0  # official Glow default
+    assert SelfNormFC(4).blocks[0][1].recon_weight == 1.0  # official FC default
