@@ -24,8 +24,8 @@ from torch import nn
 from .bijectors import ImagePreprocess, cached_weights, dequantize
 from .distill import bits_per_dim_from_log_prob
 
-__all__ = ["ALPHA", "DIM", "bits_per_dim", "block_pairs", "build", "data_nll", "load_images",
-           "paired_interval", "preprocess_fn"]
+__all__ = ["ALPHA", "DIM", "bits_per_dim", "block_pairs", "build", "data_nll", "format_interval",
+           "load_images", "paired_interval", "preprocess_fn"]
 
 DIM = 28 * 28
 ALPHA = 1e-6  # the official code's logit offset
@@ -110,7 +110,7 @@ def block_pairs(student_blocks: int, teacher_blocks: int) -> list[tuple[int, int
 
 def paired_interval(baseline: Sequence[float], treated: Sequence[float], level: float = 0.95) -> dict:
     """Mean of ``treated[i] - baseline[i]`` over paired seeds, its standard error and the two-sided
-    ``level`` confidence interval from Student's t with ``n - 1`` degrees of freedom (NaN bounds for
+    ``level`` confidence interval from Student's t with ``n - 1`` degrees of freedom (no bounds, None, for
     n < 2)."""
     from scipy import stats
 
@@ -119,9 +119,16 @@ def paired_interval(baseline: Sequence[float], treated: Sequence[float], level: 
     diffs = [float(t) - float(b) for b, t in zip(baseline, treated)]
     n = len(diffs)
     mean = sum(diffs) / n
-    if n < 2:
-        return {"n": n, "mean": mean, "se": math.nan, "low": math.nan, "high": math.nan, "level": level}
+    if n < 2:  # no spread to estimate: no interval (None, which JSON keeps as null)
+        return {"n": n, "mean": mean, "se": None, "low": None, "high": None, "level": level}
     sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
     se = sd / math.sqrt(n)
     half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * se
     return {"n": n, "mean": mean, "se": se, "low": mean - half, "high": mean + half, "level": level}
+
+
+def format_interval(ci: dict, digits: int = 1) -> str:
+    """``"+3.5 [-19.1, +12.1]"`` for a :func:`paired_interval`, or ``"+3.5 (one seed: no interval)"``."""
+    if ci["low"] is None:
+        return f"{ci['mean']:+.{digits}f} (one seed: no interval)"
+    return f"{ci['mean']:+.{digits}f} [{ci['low']:+.{digits}f}, {ci['high']:+.{digits}f}]"

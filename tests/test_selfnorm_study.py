@@ -24,7 +24,10 @@ def test_paired_interval_by_hand():
     assert res["mean"] == pytest.approx(2.0) and res["se"] == pytest.approx(1 / math.sqrt(3))
     half = 4.302652729911275 / math.sqrt(3)  # t(0.975, 2 df) * sd / sqrt(n), sd = 1
     assert res["low"] == pytest.approx(2.0 - half) and res["high"] == pytest.approx(2.0 + half)
-    assert math.isnan(study.paired_interval([1.0], [2.0])["low"])
+    one = study.paired_interval([1.0], [2.0])
+    assert one["low"] is None and one["high"] is None and one["mean"] == 1.0
+    assert study.format_interval(one) == "+1.0 (one seed: no interval)"
+    assert study.format_interval(res, 2) == f"+2.00 [{2 - half:+.2f}, {2 + half:+.2f}]"
     with pytest.raises(ValueError, match="paired"):
         study.paired_interval([1.0, 2.0], [1.0])
 
