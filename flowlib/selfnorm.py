@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .bijectors import ActNorm, _cached_without_grad, cached_weights
-from .distill import latent_distance
+from .distill import freeze, latent_distance
 from .models import Encoding, Flow, Glow, standard_normal_logprob
 
 __all__ = [
@@ -714,9 +714,7 @@ def fit(model: nn.Module, x_train: torch.Tensor, x_val: torch.Tensor | None = No
                              "latents")
         if distill_weight is None:
             distill_weight = 0.1 / 0.9 * math.prod(model.input_shape) * math.log(2.0)
-        teacher.eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
+        freeze(teacher)
     g = torch.Generator().manual_seed(seed)
     n = x_train.shape[0]
 
