@@ -30,6 +30,7 @@ __all__ = [
     "AdditiveCoupling",
     "AffineCoupling",
     "BatchNormFlow",
+    "COUPLING_CONDITIONERS",
     "ImagePreprocess",
     "InvertibleConv1x1",
     "InvertibleLinear",
@@ -310,22 +311,44 @@ def _check_size(value, name: str, owner: str) -> None:
         raise ValueError(f"{owner}: {name} must be an integer >= 1, got {value!r}")
 
 
-def _coupling_net(in_f: int, out_f: int, hidden: int, image: bool) -> nn.Module:
+COUPLING_CONDITIONERS = ("mlp", "official")
+
+
+def _coupling_net(in_f: int, out_f: int, hidden: int, image: bool, conditioner: str = "mlp") -> nn.Module:
     """The conditioner of a coupling layer. The last layer starts at zero so the coupling starts as
-    the identity map (Glow's zero-initialised output convolution)."""
+    the identity map (Glow's zero-initialised output convolution).
+
+    Tabular conditioners: ``"mlp"``: Linear-ReLU-Linear-ReLU-Linear (2 hidden layers). ``"official"``: the
+    network of ``get_block_1d`` in the paper's code (``models/flows.py`` of ``vklyukin/nf_distillation``),
+    6 Linear layers: ``in -> h``, then ``h -> h`` three times, each followed by ReLU, then ``h -> h``
+    followed by Tanh, then ``h -> out``."""
     _check_size(hidden, "hidden", "coupling layer")
+    if conditioner not in COUPLING_CONDITIONERS:
+        raise ValueError(f"unknown coupling conditioner {conditioner!r}; choose one of "
+                         f"{COUPLING_CONDITIONERS}")
     if image:
+        if conditioner != "mlp":
+            raise ValueError(
+                f"conditioner={conditioner!r} is a tabular (Linear) network; an image coupling uses the "
+                "convolutional conditioner: leave conditioner='mlp' (the default)"
+            )
         last = nn.Conv2d(hidden, out_f, 3, padding=1)
         net = nn.Sequential(
             nn.Conv2d(in_f, hidden, 3, padding=1), nn.ReLU(inplace=True),
             nn.Conv2d(hidden, hidden, 1), nn.ReLU(inplace=True), last,
         )
-    else:
+    elif conditioner == "mlp":
         last = nn.Linear(hidden, out_f)
         net = nn.Sequential(
             nn.Linear(in_f, hidden), nn.ReLU(inplace=True),
             nn.Linear(hidden, hidden), nn.ReLU(inplace=True), last,
         )
+    else:  # "official": get_block_1d
+        last = nn.Linear(hidden, out_f)
+        layers = [nn.Linear(in_f, hidden), nn.ReLU(inplace=True)]
+        for _ in range(3):
+            layers += [nn.Linear(hidden, hidden), nn.ReLU(inplace=True)]
+        net = nn.Sequential(*layers, nn.Linear(hidden, hidden), nn.Tanh(), last)
     nn.init.zeros_(last.weight)
     nn.init.zeros_(last.bias)
     return net
@@ -381,21 +404,41 @@ class AffineCoupling(nn.Module):
     ``s = sigmoid(r + 2) / sigmoid(2)``. The sigmoid keeps the scale bounded (Glow's numerically stable
     choice); dividing by ``sigmoid(2)`` makes the zero-initialised layer exactly the identity.
     ``image=True`` uses 3x3/1x1 convolutions for (N, C, H, W); otherwise an MLP for (N, D).
+
+    ``conditioner`` (tabular only) selects that MLP: ``"mlp"`` (the default, and what older checkpoints
+    hold) has two hidden layers of width ``hidden``; ``"official"`` is ``get_block_1d`` of the paper's code
+    (``vklyukin/nf_distillation``, ``models/flows.py``): five hidden layers of width ``hidden``, the first
+    four followed by ReLU and the fifth by Tanh, then the output layer (6 Linear layers). As there, it takes
+    the first half ``x_a`` (``D // 2`` features) and outputs ``2 * (D - D // 2)`` values, shift and raw scale
+    interleaved; with it the tabular Glow presets reproduce Table 2's GLOW parameter counts. Two
+    differences from the official code that leave the parameter count unchanged are kept: the output layer
+    starts at zero (there it has PyTorch's default initialisation) and the scale is divided by
+    ``sigmoid(2)`` (the official ``sigmoid(r + 2)`` is not the identity at zero). An image coupling accepts
+    only ``"mlp"`` (``ValueError`` otherwise).
     """
 
-    def __init__(self, features: int, hidden: int, image: bool = False):
+    def __init__(self, features: int, hidden: int, image: bool = False, conditioner: str = "mlp"):
         super().__init__()
         self.features = features
+        self.conditioner = conditioner
         self.d_a, self.d_b = _split_sizes(features, "AffineCoupling")
-        self.net = _coupling_net(self.d_a, 2 * self.d_b, hidden, image)
+        self.net = _coupling_net(self.d_a, 2 * self.d_b, hidden, image, conditioner)
         self.register_buffer("offset", torch.tensor(2.0))
+
+    def extra_repr(self) -> str:
+        return f"features={self.features}, conditioner={self.conditioner!r}"
 
     def _shift_raw(self, x_a):
         """The conditioner's two outputs (interleaved channels: even = shift, odd = raw scale), each computed
         as its own contiguous tensor by splitting the last layer's weight rather than slicing its output."""
         h = x_a
         for layer in self.net[:-1]:
-            h = _linear(h, layer.weight, layer.bias) if isinstance(layer, nn.Linear) else layer(h)
+            if isinstance(layer, nn.Linear):
+                h = _linear(h, layer.weight, layer.bias)  # (an arena buffer during an evaluation pass)
+            elif isinstance(layer, nn.Tanh):
+                h = h.tanh_()  # in place on the fresh linear output, as ReLU(inplace=True) is
+            else:
+                h = layer(h)
         last = self.net[-1]
         if isinstance(last, nn.Linear):
             return tuple(_linear(h, last.weight[k::2], last.bias[k::2]) for k in (0, 1))

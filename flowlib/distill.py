@@ -4,18 +4,22 @@ Paper map (section 3):
 
 * :func:`nll`, :func:`bits_per_dim` -- the likelihood term ``log p_s(x)`` of Eq. 15 and the image metric.
 * :func:`lkd_loss` -- Eq. 12, latent knowledge distillation: distance between the final latents.
-* :func:`ilkd_loss` -- Eq. 13, intermediate latent KD: sum of distances at matched points
-  (:func:`default_pairs`).
-* :func:`skd_loss` -- Eq. 14, synthesized KD: distance between the samples both models decode from the
-  *same* noise.
+* :func:`ilkd_loss` -- Eq. 13, intermediate latent KD: the distances at matched points
+  (:func:`default_pairs`), averaged over the points as the official code does (the paper writes a sum).
+* :func:`skd_loss` -- Eq. 14, synthesized KD: distance between the samples both models decode from
+  shared noise (``skd_mode``: the official code's noise sharing and temperature, or the paper text's).
 * :func:`distillation_loss` -- Eq. 15, ``l0 * NLL_s(x) + l1 * (I)LKD + l2 * SKD``, with the settings of
-  section 4.2 in :data:`PRESETS`.
+  section 4.2 in :data:`PRESETS`; the image NLL can enter in bits/dim as in the official code.
 
-The paper measures every distance with L1 (mean absolute error); the official code used MSE, so
-``distance="mse"`` is offered too. The teacher is frozen (:func:`freeze`): its passes run under
-``torch.no_grad()``, so no gradient ever reaches it and it is never updated. Losses refuse a teacher in
-training mode, because a training-mode pass would change it (MAF batch-norm statistics, GLOW ActNorm
-initialisation).
+Defaults follow the official code that produced the paper's tables (``vklyukin/nf_distillation``), where
+it and the paper's text differ; :data:`PAPER_VS_CODE` lists every such point and the option that selects
+the paper-text reading. Distances: the paper's text measures every distance with L1; the official code
+uses MSE (mean squared error over the elements) for the latent terms (LKD/ILKD) and L1 for SKD. So the
+latent losses default to ``distance="mse"`` (``"l1"`` is the paper-text option) and SKD to ``"l1"``.
+
+The teacher is frozen (:func:`freeze`): its passes run under ``torch.no_grad()``, so no gradient ever
+reaches it and it is never updated. Losses refuse a teacher in training mode, because a training-mode
+pass would change it (MAF batch-norm statistics, GLOW ActNorm initialisation).
 
 Pairs of distillation points are written ``(student_index, teacher_index)`` into ``enc.latents``.
 """
@@ -32,12 +36,64 @@ from torch import nn
 from .models import MAF, Encoding, Glow, check_count, check_temperature, standard_normal_logprob
 
 __all__ = [
-    "DISTANCES", "DistillationLoss", "PRESETS", "Preset", "bits_per_dim", "bits_per_dim_from_log_prob",
-    "default_pairs", "distillation_loss", "freeze", "ilkd_loss", "latent_distance", "lkd_loss", "nll",
-    "resolve_method", "skd_loss",
+    "DISTANCES", "DistillationLoss", "NLL_UNITS", "PAPER_VS_CODE", "PRESETS", "Preset", "SKD_MODES",
+    "bits_per_dim", "bits_per_dim_from_log_prob", "default_pairs", "distillation_loss", "freeze", "ilkd_loss",
+    "latent_distance", "lkd_loss", "nll", "resolve_method", "skd_loss",
 ]
 
 DISTANCES = ("l1", "mse")
+SKD_MODES = ("official", "paper")
+NLL_UNITS = ("nats", "bits/dim")
+
+_REPO = "vklyukin/nf_distillation"
+
+# Where the paper's text and the official code (which produced the paper's tables) differ, and what flowlib
+# does. Branch main holds the GLOW code, branch mafs the MAF code; line numbers are of main unless noted.
+PAPER_VS_CODE: list[dict[str, str]] = [
+    {"point": "distance L_r",
+     "paper": "L1 for LKD and ILKD (sections 3.1, 3.2); SKD's L_r not named",
+     "official": "LKD/ILKD: nn.MSELoss, averaged over elements (conf/training/*.yaml loss.kd.name: mse; "
+                 "pl_module.py 170-171); SKD: nn.L1Loss (loss.perceptual.name: l1; pl_module.py 181-182)",
+     "flowlib": "latent terms 'mse', SKD 'l1'",
+     "option": "distance= (latent terms), skd_distance= (SKD)"},
+    {"point": "ILKD over matched points",
+     "paper": "sum over the matched points (Eq. 13)",
+     "official": "mean: kd_loss_value /= len(self.student_kd_indices) (pl_module.py 280-282)",
+     "flowlib": "mean over the pairs",
+     "option": "none (multiply by len(pairs) for the sum)"},
+    {"point": "image NLL unit in Eq. 15",
+     "paper": "log p_s(x) (unit not stated)",
+     "official": "bits/dim for images (models/kd_flows.py 146-150: -objective / (ln 2 * c*h*w), with the "
+                 "-D log 256 dequantisation term); nats/sample for tabular data (is_1d: -objective)",
+     "flowlib": "distillation_loss: nats unless nll_unit='bits/dim' (TrainConfig nll_unit='auto' picks "
+                "bits/dim for images)",
+     "option": "nll_unit=, pre_logdet=, bins="},
+    {"point": "SKD noise count",
+     "paper": "not stated (random samples from the learned distribution)",
+     "official": "one noise vector per batch sample: student.prior(x) has the batch size "
+                 "(pl_module.py 234-235)",
+     "flowlib": "n_samples=None: the batch size",
+     "option": "n_samples="},
+    {"point": "SKD shared levels (image GLOW)",
+     "paper": "the same z for teacher and student (Eq. 14)",
+     "official": "only the top latent is shared (z=latent, pl_module.py 234-243); each model's Split2d draws "
+                 "its own split-level latent from its learned prior (models/layers.py 302-308, torch.normal: "
+                 "no gradient to that prior)",
+     "flowlib": "skd_mode='official': top shared, split-level noise drawn independently per model",
+     "option": "skd_mode='paper' shares every level"},
+    {"point": "SKD temperature",
+     "paper": "not stated for SKD; samples and FID at 0.7 (section 4)",
+     "official": "top latent at T = 1 (gaussian_sample(mean, logs, 1)); temperature=0.7 reaches only "
+                 "Split2d, so image split levels at 0.7 and tabular GLOW / MAF (no split) at T = 1",
+     "flowlib": "skd_mode='official': temperature scales the split levels only",
+     "option": "skd_mode='paper': temperature on every level"},
+    {"point": "LKD weights (l0, l1, l2)",
+     "paper": "(1, 0, 0) printed for the LKD rows (section 4.2)",
+     "official": "no separate LKD switch; loss.kd weights nll 0.9 / kd 0.1 / perceptual 0 "
+                 "(conf/training/cifar.yaml, celeba.yaml, tabular.yaml), 0.85 / 0.075 / 0.075 (rich.yaml)",
+     "flowlib": "PRESETS['lkd'] = (0.9, 0.1, 0.0) on the final latent",
+     "option": "lambdas="},
+]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -91,9 +147,10 @@ def bits_per_dim(model: nn.Module, y: torch.Tensor, preprocess: nn.Module | None
 # Distances, freezing, pairing
 # --------------------------------------------------------------------------------------------------
 
-def latent_distance(a: torch.Tensor, b: torch.Tensor, distance: str = "l1") -> torch.Tensor:
-    """The distance ``L_r`` of Eq. 12-14: ``"l1"`` mean absolute error (the paper's choice) or
-    ``"mse"`` mean squared error (the official code's choice), averaged over every element."""
+def latent_distance(a: torch.Tensor, b: torch.Tensor, distance: str = "mse") -> torch.Tensor:
+    """The distance ``L_r`` of Eq. 12-14, averaged over every element: ``"mse"`` mean squared error (the
+    official code's latent distance, the default) or ``"l1"`` mean absolute error (the paper's text, and
+    the official code's SKD distance)."""
     if distance not in DISTANCES:
         raise ValueError(f"unknown distance {distance!r}; choose one of {', '.join(DISTANCES)}")
     if a.shape != b.shape:
@@ -219,7 +276,7 @@ def _check_pairs(pairs: Sequence[Sequence[int]], n_student: int | None, n_teache
 def _ilkd_from(t_enc: Encoding, s_enc: Encoding, pairs: Sequence[Sequence[int]],
                distance: str) -> torch.Tensor:
     _check_pairs(pairs, len(s_enc.latents), len(t_enc.latents))
-    total = None
+    total = None  # the mean over the pairs, as the official code (kd_loss_value /= len(student_kd_indices))
     for k, pair in enumerate(pairs):
         j, i = int(pair[0]), int(pair[1])
         s_lat, t_lat = s_enc.latents[j], t_enc.latents[i]
@@ -230,10 +287,10 @@ def _ilkd_from(t_enc: Encoding, s_enc: Encoding, pairs: Sequence[Sequence[int]],
             )
         term = latent_distance(s_lat, t_lat, distance)
         total = term if total is None else total + term
-    return total
+    return total / len(pairs)
 
 
-def lkd_loss(teacher: nn.Module, student: nn.Module, x: torch.Tensor, distance: str = "l1") -> torch.Tensor:
+def lkd_loss(teacher: nn.Module, student: nn.Module, x: torch.Tensor, distance: str = "mse") -> torch.Tensor:
     """Latent knowledge distillation, Eq. 12: ``L_r(t(x), s(x))`` between the full latents.
 
     ``t(x)`` and ``s(x)`` are ``enc.flat()``: every latent variable of the sample (all GLOW levels),
@@ -244,12 +301,16 @@ def lkd_loss(teacher: nn.Module, student: nn.Module, x: torch.Tensor, distance: 
 
 
 def ilkd_loss(teacher: nn.Module, student: nn.Module, x: torch.Tensor,
-              pairs: Sequence[Sequence[int]] | None = None, distance: str = "l1") -> torch.Tensor:
-    """Intermediate latent knowledge distillation, Eq. 13: ``sum_i L_r(t_i(x), s_i(x))``.
+              pairs: Sequence[Sequence[int]] | None = None, distance: str = "mse") -> torch.Tensor:
+    """Intermediate latent knowledge distillation, Eq. 13 with the official averaging:
+    ``(1/P) sum_i L_r(t_i(x), s_i(x))`` over the ``P`` matched points.
 
-    ``pairs`` lists ``(student_index, teacher_index)`` into ``enc.latents`` (default:
-    :func:`default_pairs`, whose last pair is the final latent). Each term is a mean over the elements
-    of that point; the terms are summed. A pair of points with different shapes is an error naming it.
+    The paper's text writes a plain sum over the points; the official code that produced the paper's
+    tables divides the sum by the number of points (``kd_loss_value /= len(self.student_kd_indices)``), so
+    this is the mean over the pairs (multiply by ``len(pairs)`` for the sum). ``pairs`` lists
+    ``(student_index, teacher_index)`` into ``enc.latents`` (default: :func:`default_pairs`, whose last
+    pair is the final latent). Each term is a mean over the elements of that point. A pair of points with
+    different shapes is an error naming it.
     """
     if pairs is None:
         pairs = default_pairs(teacher, student)
@@ -266,6 +327,11 @@ def _check_same_latents(teacher, student):
         )
 
 
+def _check_skd_mode(skd_mode: str) -> None:
+    if skd_mode not in SKD_MODES:
+        raise ValueError(f"unknown skd_mode {skd_mode!r}; choose one of {', '.join(SKD_MODES)}")
+
+
 def _shared_noise(teacher, student, n, noise, generator):
     _check_same_latents(teacher, student)
     if noise is None:
@@ -277,27 +343,58 @@ def _shared_noise(teacher, student, n, noise, generator):
     return list(noise)
 
 
-def _skd_from(teacher, student, noise, temperature, distance):
+def _skd_latents(student, noise, temperature, skd_mode, generator):
+    """The latent lists (teacher, student) that SKD decodes (see :func:`skd_loss`)."""
+    if skd_mode == "paper":
+        shared = [temperature * e for e in noise]
+        return shared, shared
+    top = noise[-1]  # official: the top latent shared at T = 1
+    if len(noise) == 1:
+        return [top], [top]
+    own = student.sample_noise(top.shape[0], generator)[:-1]
+    return ([temperature * e for e in noise[:-1]] + [top],
+            [temperature * e for e in own] + [top])
+
+
+def _skd_from(teacher, student, noise, temperature, distance, skd_mode="official", generator=None):
+    t_noise, s_noise = _skd_latents(student, noise, temperature, skd_mode, generator)
     with torch.no_grad():
-        x_t = teacher.sample(temperature=temperature, noise=noise)
-    x_s = student.sample(temperature=temperature, noise=noise)
+        x_t = teacher.decode(t_noise)
+    x_s = student.decode(s_noise)
     return latent_distance(x_s, x_t, distance)
 
 
 def skd_loss(teacher: nn.Module, student: nn.Module, n: int | None = None, temperature: float = 0.7,
-             noise=None, generator: torch.Generator | None = None, distance: str = "l1") -> torch.Tensor:
+             noise=None, generator: torch.Generator | None = None, distance: str = "l1",
+             skd_mode: str = "official") -> torch.Tensor:
     """Synthesized knowledge distillation, Eq. 14: ``L_r(t^{-1}(z), s^{-1}(z))``.
 
-    One list of standard-normal noise tensors (every GLOW level, drawn once with
-    ``teacher.sample_noise(n, generator)`` unless ``noise`` is given) is decoded by both models at
-    ``temperature`` (0.7, the paper's sampling temperature), so teacher and student synthesise from the
-    same ``z``. The teacher decode runs under ``no_grad``; gradients flow through the student's decode.
-    ``n`` must be >= 1 and ``temperature`` a finite number >= 0 (``ValueError``).
+    A list of standard-normal noise tensors, one per latent level (drawn with
+    ``teacher.sample_noise(n, generator)`` unless ``noise`` is given), is decoded by both models; the
+    teacher decode runs under ``no_grad`` and gradients flow through the student's decode.
+
+    * ``skd_mode="official"`` (default; the official code, ``pl_module.py`` ``forward``): only the **top**
+      (last) latent is shared, decoded at temperature 1; ``temperature`` scales only the split levels of
+      an image GLOW, whose noise each model draws **independently** -- the teacher uses the split-level
+      entries of the noise above, the student draws its own with ``student.sample_noise(n, generator)``
+      (in the official code each model's ``Split2d`` samples its factored-out half from its own learned
+      conditional prior at that temperature). Tabular GLOW and MAF have only the top latent, so their SKD
+      decodes the same noise at T = 1 whatever ``temperature`` is.
+    * ``skd_mode="paper"`` (the paper's text): every level's noise is shared and all of it is scaled by
+      ``temperature`` (0.7, the paper's sampling temperature).
+
+    ``distance`` defaults to ``"l1"``, the official SKD distance (``nn.L1Loss``) and the paper's text.
+    ``n`` must be >= 1 and ``temperature`` a finite number >= 0 (``ValueError``). One difference stays: the
+    official ``Split2d`` samples with ``torch.normal``, which sends no gradient to the student's split
+    priors; here the split noise is reparameterised, so the SKD gradient reaches them.
     """
     check_temperature(temperature)
+    _check_skd_mode(skd_mode)
+    if distance not in DISTANCES:
+        raise ValueError(f"unknown distance {distance!r}; choose one of {', '.join(DISTANCES)}")
     _check_teacher(teacher)
     noise = _shared_noise(teacher, student, n, noise, generator)
-    return _skd_from(teacher, student, noise, temperature, distance)
+    return _skd_from(teacher, student, noise, temperature, distance, skd_mode, generator)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -359,17 +456,34 @@ class DistillationLoss:
 
 
 def distillation_loss(teacher: nn.Module | None, student: nn.Module, x: torch.Tensor, method: str = "ilkd",
-                      lambdas: Sequence[float] | None = None, pairs=None, distance: str = "l1",
+                      lambdas: Sequence[float] | None = None, pairs=None, distance: str = "mse",
                       temperature: float = 0.7, n_samples: int | None = None, noise=None,
-                      generator: torch.Generator | None = None) -> DistillationLoss:
+                      generator: torch.Generator | None = None, skd_mode: str = "official",
+                      skd_distance: str = "l1", nll_unit: str = "nats",
+                      pre_logdet: torch.Tensor | None = None, bins: int = 256) -> DistillationLoss:
     """Flow distillation, Eq. 15: ``l0 * NLL_s(x) + l1 * (I)LKD(t, s, x) + l2 * SKD(t, s, z)``.
 
     ``method`` names a :data:`PRESETS` entry (``"student"``/``"nll"``, ``"lkd"``, ``"ilkd"``, ``"skd"``),
     which fixes the latent term (final latent or matched intermediate points) and the default
-    ``lambdas``; pass ``lambdas=(l0, l1, l2)`` to override the weights. The NLL is nats per sample
-    (Eq. 15's ``log p_s(x)`` negated, as a loss). The student is encoded once (its NLL and latents come
-    from the same pass) and the teacher once under ``no_grad``; SKD adds one decode of each model on
-    ``n_samples`` (default: the batch size) shared noise samples. Terms with weight 0 are not computed.
+    ``lambdas``; pass ``lambdas=(l0, l1, l2)`` to override the weights. ``distance`` is the latent
+    terms' distance (``"mse"``, the official code; ``"l1"``, the paper's text), ``skd_distance`` SKD's
+    (``"l1"``, both); ``skd_mode``, ``temperature``, ``noise`` and ``generator`` are as in
+    :func:`skd_loss`; ILKD is the mean over the pairs (:func:`ilkd_loss`).
+
+    The NLL term (Eq. 15's ``log p_s(x)`` negated, as a loss) is the mean over the samples of
+
+    * ``nll_unit="nats"``: ``-log p_s(x)`` in nats per sample of the model-space data ``x``
+      (``pre_logdet`` and ``bins`` are not used);
+    * ``nll_unit="bits/dim"`` (the official code's unit for images): ``-(log p_s(x) + pre_logdet -
+      D log(bins)) / (D ln 2)`` with ``D`` the elements per sample, where ``pre_logdet`` is the per-sample
+      forward log-det of the image preprocessing ``x = preprocess(x01)`` (as returned by
+      :class:`flowlib.bijectors.ImagePreprocess`), i.e. exactly :func:`bits_per_dim` of the same ``x``
+      with that ``preprocess`` and ``bins``. With ``pre_logdet=None`` it is ``-log p_s(x) / (D ln 2)``
+      (:func:`bits_per_dim` with ``preprocess=None``: continuous data, no dequantisation term).
+
+    The student is encoded once (its NLL and latents come from the same pass) and the teacher once under
+    ``no_grad``; SKD adds one decode of each model on ``n_samples`` (default: the batch size, as the
+    official code) noise samples. Terms with weight 0 are not computed.
     Arguments are checked before any model runs (``ValueError`` for a bad value, ``RuntimeError`` for a
     teacher in training mode), so a refused call changes neither model.
     """
@@ -382,8 +496,17 @@ def distillation_loss(teacher: nn.Module | None, student: nn.Module, x: torch.Te
     latent = preset.latent
     if lam[1] != 0 and latent is None:
         raise ValueError(f"method {method!r} has no latent term; use 'lkd' or 'ilkd' for l1 != 0")
-    if distance not in DISTANCES:
-        raise ValueError(f"unknown distance {distance!r}; choose one of {', '.join(DISTANCES)}")
+    for name, value in (("distance", distance), ("skd_distance", skd_distance)):
+        if value not in DISTANCES:
+            raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(DISTANCES)}")
+    _check_skd_mode(skd_mode)
+    if nll_unit not in NLL_UNITS:
+        raise ValueError(f"unknown nll_unit {nll_unit!r}; choose one of {', '.join(NLL_UNITS)}")
+    if nll_unit == "bits/dim":
+        bins = check_count(bins, "bins", minimum=1)
+        if pre_logdet is not None and tuple(pre_logdet.shape) != (x.shape[0],):
+            raise ValueError(f"pre_logdet should have shape ({x.shape[0]},) (one log-det per sample), got "
+                             f"{tuple(pre_logdet.shape)}")
     needs_teacher = lam[1] != 0 or lam[2] != 0
     if needs_teacher:
         _check_teacher(teacher)
@@ -401,7 +524,13 @@ def distillation_loss(teacher: nn.Module | None, student: nn.Module, x: torch.Te
         with torch.no_grad():
             t_enc = teacher.encode(x)
     s_enc = student.encode(x)
-    terms: dict[str, torch.Tensor] = {"nll": -(standard_normal_logprob(s_enc.z) + s_enc.logdet).mean()}
+    log_p = standard_normal_logprob(s_enc.z) + s_enc.logdet
+    if nll_unit == "bits/dim":
+        d = x[0].numel()
+        if pre_logdet is not None:
+            log_p = log_p + pre_logdet - d * math.log(bins)
+        log_p = log_p / (d * math.log(2.0))
+    terms: dict[str, torch.Tensor] = {"nll": -log_p.mean()}
     total = lam[0] * terms["nll"]
     if lam[1] != 0:
         if latent == "lkd":
@@ -412,6 +541,6 @@ def distillation_loss(teacher: nn.Module | None, student: nn.Module, x: torch.Te
     if lam[2] != 0:
         n = x.shape[0] if n_samples is None else n_samples
         shared = _shared_noise(teacher, student, n, noise, generator)
-        terms["skd"] = _skd_from(teacher, student, shared, temperature, distance)
+        terms["skd"] = _skd_from(teacher, student, shared, temperature, skd_distance, skd_mode, generator)
         total = total + lam[2] * terms["skd"]
     return DistillationLoss(total, terms, lam)

@@ -52,17 +52,20 @@ from .distill import (
 from .models import MAF, Glow, build_model
 
 __all__ = [
-    "CheckpointError", "TrainConfig", "TrainingDiverged", "config_diff", "config_hash", "evaluate",
-    "history_frame", "load_checkpoint", "load_model", "remove_stale_temporaries", "resolve_device",
-    "save_checkpoint", "train", "train_or_load", "training_lock",
+    "CheckpointError", "TrainConfig", "TrainingDiverged", "config_diff", "config_hash", "convergence",
+    "evaluate", "evaluations_without_improvement", "history_frame", "load_checkpoint", "load_model",
+    "remove_stale_temporaries", "resolve_device", "save_checkpoint", "train", "train_or_load",
+    "training_lock", "training_subset",
 ]
 
 # Keys that do not change what is computed and are left out of the hash and the config comparison.
 _NON_IDENTITY_KEYS = ("device",)
 # Fields added after checkpoints of earlier versions existed: they enter a config's identity (its hash, the
 # stored-config check) only when not at this default, so older checkpoints keep their names.
-_ADDED_FIELDS = {"lambda_schedule": "constant"}
+_ADDED_FIELDS = {"lambda_schedule": "constant", "patience": None, "train_fraction": 1.0}
 LAMBDA_SCHEDULES = ("constant", "decay")
+NLL_UNITS = ("auto", "nats", "bits/dim")
+SKD_MODES = ("official", "paper")
 
 
 class TrainingDiverged(RuntimeError):
@@ -91,7 +94,19 @@ class TrainConfig:
     ``bins`` apply to integer (image) data, dequantised per batch. ``lr``: the paper uses 5e-5 with
     batches of 65,536; ``weight_decay`` is AdamW's default (the paper states none); ``grad_clip`` 30 as in
     the official code (``None`` disables it). ``device`` does not enter the hash, nor does a field added
-    later (``lambda_schedule``) while it keeps its default, so older checkpoints keep their names.
+    later (``lambda_schedule``, ``patience``, ``train_fraction``) while it keeps its default, so older
+    checkpoints keep their names.
+
+    Distillation settings (:func:`flowlib.distill.distillation_loss`): ``distance`` ``"mse"`` (the official
+    code, the default) or ``"l1"`` (the paper's text); ``skd_mode`` ``"official"`` or ``"paper"``;
+    ``nll_unit`` ``"auto"`` puts the NLL into Eq. 15 in bits/dim for images and nats/sample for tabular
+    data, as the official code does (``"nats"`` / ``"bits/dim"`` force one).
+
+    Convergence: with ``patience`` set, training evaluates every ``eval_every`` steps and stops once the
+    validation NLL has not improved for ``patience`` evaluations in a row; ``steps`` is then the cap. The
+    best-validation weights are what :func:`train` leaves in the model and :func:`train_or_load` returns.
+    ``train_fraction`` < 1 trains on that share of the training rows: the first rows of one fixed
+    permutation of the training set (the same for every seed and model, and nested: 10% is inside 30%).
     """
 
     name: str = "model"
@@ -111,9 +126,13 @@ class TrainConfig:
     method: str = "nll"
     lambdas: tuple | None = None
     lambda_schedule: str = "constant"
-    distance: str = "l1"
+    distance: str = "mse"
     temperature: float = 0.7
     skd_samples: int | None = None
+    skd_mode: str = "official"
+    nll_unit: str = "auto"
+    patience: int | None = None
+    train_fraction: float = 1.0
     pairs: tuple | None = None
     teacher: TrainConfig | None = None
     preprocess: str = "glow"
@@ -135,6 +154,10 @@ class TrainConfig:
                              f"{', '.join(LAMBDA_SCHEDULES)}")
         if self.distance not in DISTANCES:
             raise ValueError(f"unknown distance {self.distance!r}; choose one of {', '.join(DISTANCES)}")
+        if self.nll_unit not in NLL_UNITS:
+            raise ValueError(f"unknown nll_unit {self.nll_unit!r}; choose one of {', '.join(NLL_UNITS)}")
+        if self.skd_mode not in SKD_MODES:
+            raise ValueError(f"unknown skd_mode {self.skd_mode!r}; choose one of {', '.join(SKD_MODES)}")
         if self.preprocess not in ("glow", "logit"):
             raise ValueError(f"unknown preprocess {self.preprocess!r}; choose 'glow' or 'logit'")
         self._validate()
@@ -166,6 +189,11 @@ class TrainConfig:
         if self.grad_clip is not None and (not _finite_number(self.grad_clip) or self.grad_clip <= 0):
             bad("grad_clip", "must be a finite number > 0 (the largest gradient norm), or None for no "
                              "clipping")
+        if self.patience is not None and (not _integer(self.patience) or self.patience < 1):
+            bad("patience", "must be an integer >= 1 (evaluations without a better validation NLL before "
+                            "training stops), or None to run all steps")
+        if not _finite_number(self.train_fraction) or not 0 < self.train_fraction <= 1:
+            bad("train_fraction", "must be a number in (0, 1]: the share of the training rows used")
         if not _finite_number(self.temperature) or self.temperature < 0:
             bad("temperature", "must be a finite number >= 0 (SKD's sampling temperature)")
         if self.skd_samples is not None and (not _integer(self.skd_samples) or self.skd_samples < 1):
@@ -331,6 +359,18 @@ class _BatchStream:
         self.perm, self.pos = state["perm"], int(state["pos"])
 
 
+def training_subset(x: torch.Tensor, fraction: float) -> torch.Tensor:
+    """The first ``round(fraction * N)`` rows (at least 1) of one fixed permutation of ``x``.
+
+    The permutation depends only on ``N``, so every seed and model trained with the same fraction sees the
+    same rows, and a smaller fraction's rows are a subset of a larger one's."""
+    if fraction >= 1:
+        return x
+    n = len(x)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(_derive_seed(n, "train_fraction")))
+    return x[perm[: max(1, round(fraction * n))]]
+
+
 def _to_model_space(xb: torch.Tensor, preprocess: ImagePreprocess | None, bins: int,
                     generator: torch.Generator | None, ref: torch.Tensor):
     """Integer images -> dequantise (generator) -> preprocess; float data as is. Returns (y, pre_logdet)."""
@@ -444,10 +484,12 @@ def train(model: nn.Module, train_data, val_data, config: TrainConfig, teacher: 
     x_train = _as_tensor(train_data, "train_data")
     if len(x_train) == 0:
         raise ValueError("train_data is empty")
+    x_train = training_subset(x_train, config.train_fraction)
     _check_finite_data(x_train, "train_data")
     _check_finite_data(val_data, "val_data")
     image = not x_train.is_floating_point()
     preprocess = ImagePreprocess(config.preprocess) if image else None
+    nll_unit = config.nll_unit if config.nll_unit != "auto" else ("bits/dim" if image else "nats")
     dim = math.prod(x_train.shape[1:])
     ref = next(model.parameters())
 
@@ -459,6 +501,7 @@ def train(model: nn.Module, train_data, val_data, config: TrainConfig, teacher: 
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, foreach=True)
     history: list[dict] = []
     best_val, start_step, elapsed0 = math.inf, 0, 0.0
+    best_state: dict | None = None  # best-validation weights, kept in memory when training stops early
 
     ckdir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckdir is not None:
@@ -472,7 +515,11 @@ def train(model: nn.Module, train_data, val_data, config: TrainConfig, teacher: 
         torch.set_rng_state(ck["torch_rng"].cpu())
         history, best_val = list(ck["history"]), float(ck["best_val"])
         start_step, elapsed0 = int(ck["step"]), float(ck["elapsed"])
+        if config.patience is not None and (ckdir / "best.pt").exists():
+            best_state = load_checkpoint(ckdir / "best.pt")["model"]
         if ck.get("finished"):
+            if best_state is not None:
+                model.load_state_dict(best_state)
             return history
 
     def checkpoint(step: int, finished: bool) -> None:
@@ -516,7 +563,8 @@ def train(model: nn.Module, train_data, val_data, config: TrainConfig, teacher: 
                         teacher if distilled else None, model, y, method=method,
                         lambdas=config.lambdas_at(step),
                         pairs=config.pairs, distance=config.distance, temperature=config.temperature,
-                        n_samples=config.skd_samples, generator=generator,
+                        n_samples=config.skd_samples, generator=generator, skd_mode=config.skd_mode,
+                        nll_unit=nll_unit, pre_logdet=pre_logdet, bins=config.bins,
                     )
                 except NonFiniteBatchError as err:  # the batch was finite (checked): a layer overflowed
                     raise TrainingDiverged(step, last_loss, "value inside the model") from err
@@ -533,18 +581,26 @@ def train(model: nn.Module, train_data, val_data, config: TrainConfig, teacher: 
 
                 values = out.items()
                 last_loss = values["loss"]
-                nll_value = values["nll"]
-                if preprocess is not None:
-                    nll_value -= float(pre_logdet.mean()) - dim * math.log(config.bins)
+                if nll_unit == "bits/dim":  # the term is already bits/dim of the dequantised data
+                    bpd_value = values["nll"]
+                    nats_value = bpd_value * dim * math.log(2.0)  # back to model-space nats per sample
+                    if preprocess is not None:
+                        nats_value += float(pre_logdet.mean()) - dim * math.log(config.bins)
+                else:
+                    nats_value = nll_value = values["nll"]
+                    if preprocess is not None:
+                        nll_value -= float(pre_logdet.mean()) - dim * math.log(config.bins)
+                    bpd_value = nll_value / (dim * math.log(2.0))
                 rec = {
-                    "step": step, "loss": values["loss"], "nll": values["nll"],
-                    "bpd": nll_value / (dim * math.log(2.0)),
+                    "step": step, "loss": values["loss"], "nll": nats_value,
+                    "bpd": bpd_value,
                     "terms": {k: v for k, v in values.items() if k != "loss"},
                     "val_nll": math.nan, "val_bpd": math.nan, "lr": lr, "grad_norm": float(grad_norm),
                     "time": time.perf_counter() - t0 + elapsed0,
                 }
                 history.append(rec)
                 evaluate_now = step % config.eval_every == 0 or step == config.steps
+                stop = step == config.steps
                 if evaluate_now:
                     if not _parameters_finite(model):
                         raise TrainingDiverged(step, last_loss, "model's weights after the update")
@@ -557,23 +613,58 @@ def train(model: nn.Module, train_data, val_data, config: TrainConfig, teacher: 
                         raise TrainingDiverged(step, last_loss, "validation NLL")
                     if val["nll"] < best_val:
                         best_val, best_bpd = val["nll"], val["bpd"]
+                        if config.patience is not None:
+                            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                         if ckdir is not None:
                             save_checkpoint(ckdir / "best.pt", {
                                 "version": CHECKPOINT_VERSION, "config": config.to_dict(),
                                 "input_shape": list(x_train.shape[1:]), "step": step,
                                 "model": model.state_dict(), "val_nll": val["nll"], "val_bpd": val["bpd"],
                             })
-                    checkpoint(step, finished=step == config.steps)
+                    waited = evaluations_without_improvement(history)
+                    if config.patience is not None and waited >= config.patience:
+                        stop = True
+                        rec["stopped"] = "patience"
+                    checkpoint(step, finished=stop)
                 if bar is not None:
                     post = {"loss": f"{rec['loss']:.4g}", "bpd": f"{rec['bpd']:.4g}"}
                     if math.isfinite(best_val):
                         post["best_val_bpd"] = f"{best_bpd:.4g}"
                     bar.set_postfix(post, refresh=False)
                     bar.update(1)
+                if stop:
+                    break
     finally:
         if bar is not None:
             bar.close()
+    if best_state is not None:
+        model.load_state_dict(best_state)
     return history
+
+
+def evaluations_without_improvement(history: list[dict]) -> int:
+    """How many validation evaluations since the last one that lowered the best validation NLL (0 when the
+    latest evaluation is the best so far)."""
+    vals = [h["val_nll"] for h in history if math.isfinite(h.get("val_nll", math.nan))]
+    if not vals:
+        return 0
+    best_index = min(range(len(vals)), key=lambda i: (vals[i], i))
+    return len(vals) - 1 - best_index
+
+
+def convergence(history: list[dict]) -> dict:
+    """Where a run stopped and whether validation had plateaued: ``best_step`` (lowest validation NLL),
+    ``last_step`` (last evaluation), ``stopped_by`` (``"patience"`` or ``"steps"``: the cap) and
+    ``plateaued`` (``best_step < last_step``: later evaluations did not improve on the best)."""
+    evals = [h for h in history if math.isfinite(h.get("val_nll", math.nan))]
+    if not evals:
+        return {"best_step": None, "last_step": None, "stopped_by": None, "plateaued": False,
+                "best_val_nll": None}
+    best = min(evals, key=lambda h: (h["val_nll"], h["step"]))
+    last = evals[-1]
+    return {"best_step": int(best["step"]), "last_step": int(last["step"]),
+            "stopped_by": "patience" if last.get("stopped") == "patience" else "steps",
+            "plateaued": best["step"] < last["step"], "best_val_nll": float(best["val_nll"])}
 
 
 def _check_finite_data(data, what: str) -> None:

@@ -17,6 +17,7 @@ from flowlib.bijectors import (
     Squeeze,
     dequantize,
 )
+from flowlib.models import FlowStep
 from tests.flowcheck import check_bijector, check_jacobian_logdet, perturb
 
 G = torch.Generator().manual_seed(1)
@@ -31,6 +32,8 @@ CASES = {
     "lu-linear": (lambda: InvertibleLinear(5), TAB, None),
     "lu-conv1x1": (lambda: InvertibleConv1x1(4), IMG, None),
     "affine-coupling-tab": (lambda: AffineCoupling(5, 8), TAB, None),
+    "affine-coupling-tab-official": (lambda: AffineCoupling(5, 8, conditioner="official"), TAB, None),
+    "glow-step-tab-official": (lambda: FlowStep(5, 8, image=False, conditioner="official"), TAB, TRAIN_TAB),
     "affine-coupling-img": (lambda: AffineCoupling(4, 6, image=True), IMG, None),
     "additive-coupling-tab": (lambda: AdditiveCoupling(5, 8), TAB, None),
     "additive-coupling-img": (lambda: AdditiveCoupling(4, 6, image=True), IMG, None),

@@ -8,6 +8,7 @@ import torch
 
 from flowlib.bijectors import ImagePreprocess, dequantize
 from flowlib.distill import (
+    PAPER_VS_CODE,
     PRESETS,
     bits_per_dim,
     default_pairs,
@@ -91,14 +92,18 @@ def test_hand_computed_latents_lkd_ilkd_nll():
     assert torch.equal(enc_t.latents[1], torch.tensor([[9.5, 1.0], [-2.5, -0.5]]))
     assert torch.equal(enc_s.latents[0], torch.tensor([[1.5, 2.0], [-0.5, 0.5]]))
 
-    # |t1 - s0| = 8, 1, 2, 1
-    assert lkd_loss(teacher, student, X_HAND).item() == pytest.approx(12 / 4)
-    assert lkd_loss(teacher, student, X_HAND, distance="mse").item() == pytest.approx((64 + 1 + 4 + 1) / 4)
+    # |t1 - s0| = 8, 1, 2, 1: MSE (the default, as the official code) 70 / 4, L1 (the paper's text) 12 / 4
+    assert lkd_loss(teacher, student, X_HAND).item() == pytest.approx((64 + 1 + 4 + 1) / 4)
+    assert lkd_loss(teacher, student, X_HAND, distance="l1").item() == pytest.approx(12 / 4)
     # default pairing for K_t = 2, K_s = 1 is the final latent only
     assert default_pairs(teacher, student) == [(0, 1)]
-    assert ilkd_loss(teacher, student, X_HAND).item() == pytest.approx(12 / 4)
-    # custom pairs: |t0 - s0| = 1.5, 1, 0.5, 1 -> mean 1; plus the final latent 3
-    assert ilkd_loss(teacher, student, X_HAND, pairs=[(0, 0), (0, 1)]).item() == pytest.approx(1 + 12 / 4)
+    assert ilkd_loss(teacher, student, X_HAND).item() == pytest.approx(70 / 4)
+    # custom pairs: |t0 - s0| = 1.5, 1, 0.5, 1 -> MSE 4.5 / 4, L1 1; and the final latent. ILKD is the mean
+    # over the pairs (official code: kd_loss_value /= len(student_kd_indices)), not their sum.
+    assert ilkd_loss(teacher, student, X_HAND, pairs=[(0, 0), (0, 1)]).item() == pytest.approx(
+        (4.5 / 4 + 70 / 4) / 2)
+    assert ilkd_loss(teacher, student, X_HAND, pairs=[(0, 0), (0, 1)], distance="l1").item() == pytest.approx(
+        (1 + 12 / 4) / 2)
 
     # student NLL: log-det sum(log gamma) = 0; 0.5 |s0|^2 = 3.125 and 0.25; plus log(2 pi) per sample (D=2)
     expected_nll = (3.125 + 0.25) / 2 + LOG_2PI
@@ -110,24 +115,42 @@ def test_hand_computed_latents_lkd_ilkd_nll():
     assert out.lambdas == (0.9, 0.1, 0.0)
     assert set(out.terms) == {"nll", "lkd"}
     assert out.terms["nll"].item() == pytest.approx(expected_nll)
-    assert out.total.item() == pytest.approx(0.9 * expected_nll + 0.1 * 12 / 4)
+    assert out.total.item() == pytest.approx(0.9 * expected_nll + 0.1 * 70 / 4)
     out = distillation_loss(teacher, student, X_HAND, method="ilkd", lambdas=(0.5, 2.0, 0.0),
                             pairs=[(0, 0), (0, 1)])
-    assert out.total.item() == pytest.approx(0.5 * expected_nll + 2.0 * (1 + 12 / 4))
+    assert out.total.item() == pytest.approx(0.5 * expected_nll + 2.0 * (4.5 / 4 + 70 / 4) / 2)
+    out = distillation_loss(teacher, student, X_HAND, method="ilkd", lambdas=(0.5, 2.0, 0.0),
+                            pairs=[(0, 0), (0, 1)], distance="l1")
+    assert out.total.item() == pytest.approx(0.5 * expected_nll + 2.0 * (1 + 12 / 4) / 2)
 
 
 def test_hand_computed_skd():
     # Inverses: teacher x1 = ((t1_1 - 0.5) / 3 - 1) / 2, x2 = t1_2 + 1; student x = (s0_1 - 0.5, s0_2).
     teacher, student = _hand_pair()
     noise = [torch.tensor([[1.0, -2.0], [0.0, 0.0]])]
-    # temperature 0.5: w = (0.5, -1) -> teacher (-0.5, 0), student (0, -1)
-    #                  w = (0, 0)    -> teacher (-7/12, 1), student (-0.5, 0)
+    # paper mode, temperature 0.5: w = (0.5, -1) -> teacher (-0.5, 0), student (0, -1)
+    #                              w = (0, 0)    -> teacher (-7/12, 1), student (-0.5, 0)
     expected = (1.0 + 0.5 + 1 / 12 + 1.0) / 4
-    assert skd_loss(teacher, student, noise=noise, temperature=0.5).item() == pytest.approx(expected)
+    assert skd_loss(teacher, student, noise=noise, temperature=0.5, skd_mode="paper").item() == pytest.approx(
+        expected)
     out = distillation_loss(teacher, student, X_HAND, method="skd", lambdas=(0.0, 0.0, 1.0),
-                            noise=noise, temperature=0.5)
+                            noise=noise, temperature=0.5, skd_mode="paper")
     assert set(out.terms) == {"nll", "skd"}
     assert out.total.item() == pytest.approx(expected)
+    # official mode (the default): a tabular model has only the top latent, decoded at T = 1 whatever the
+    # temperature: w = (1, -2) -> teacher (-5/12, -1), student (0.5, -2); w = (0, 0) as above. L1 (default).
+    expected_t1 = (11 / 12 + 1.0 + 1 / 12 + 1.0) / 4
+    for temperature in (0.5, 0.7, 1.0):
+        assert skd_loss(teacher, student, noise=noise, temperature=temperature).item() == pytest.approx(
+            expected_t1)
+    out = distillation_loss(teacher, student, X_HAND, method="skd", lambdas=(0.0, 0.0, 1.0), noise=noise)
+    assert out.total.item() == pytest.approx(expected_t1)
+    # MSE on request: squares of the same differences
+    assert skd_loss(teacher, student, noise=noise, distance="mse").item() == pytest.approx(
+        ((11 / 12) ** 2 + 1 + (1 / 12) ** 2 + 1) / 4)
+    out = distillation_loss(teacher, student, X_HAND, method="skd", lambdas=(0.0, 0.0, 1.0), noise=noise,
+                            skd_distance="mse")
+    assert out.total.item() == pytest.approx(((11 / 12) ** 2 + 1 + (1 / 12) ** 2 + 1) / 4)
 
 
 MODELS = {
@@ -149,9 +172,13 @@ def test_copy_of_teacher_has_zero_distillation_losses(kind):
     g = torch.Generator().manual_seed(3)
     assert lkd_loss(teacher, student, x).item() == 0.0
     assert ilkd_loss(teacher, student, x).item() == 0.0
-    assert skd_loss(teacher, student, 5, generator=g).item() == 0.0
-    assert distillation_loss(teacher, student, x, method="skd").total.item() == pytest.approx(
-        0.85 * nll(student, x).item(), rel=1e-6)
+    assert skd_loss(teacher, student, 5, generator=g, skd_mode="paper").item() == 0.0
+    out = distillation_loss(teacher, student, x, method="skd", skd_mode="paper")
+    assert out.total.item() == pytest.approx(0.85 * nll(student, x).item(), rel=1e-6)
+    # official SKD: a tabular model decodes the shared top latent only (zero for a copy); an image GLOW's
+    # copy draws its own split-level noise, so even a copy of the teacher has a positive SKD term
+    official = skd_loss(teacher, student, 5, generator=g).item()
+    assert official > 1e-4 if kind == "glow-image" else official == 0.0
     # ...and a different student has positive losses
     perturb(student, scale=0.05, seed=9)
     assert lkd_loss(teacher, student, x).item() > 1e-4
@@ -162,7 +189,7 @@ def test_copy_of_teacher_has_zero_distillation_losses(kind):
 def _manual_ilkd(teacher, student, x, pairs):
     with torch.no_grad():
         t, s = teacher.encode(x), student.encode(x)
-    return sum((t.latents[i] - s.latents[j]).abs().mean() for j, i in pairs)
+    return sum((t.latents[i] - s.latents[j]).pow(2).mean() for j, i in pairs) / len(pairs)
 
 
 def test_default_pairs_maf_and_tabular_glow():
@@ -202,9 +229,9 @@ def test_ilkd_and_lkd_match_manual_computation(kind):
     assert ilkd_loss(teacher, student, x).item() == pytest.approx(expected.item(), rel=1e-6)
     with torch.no_grad():
         t, s = teacher.encode(x).flat(), student.encode(x).flat()
-    assert lkd_loss(teacher, student, x).item() == pytest.approx((t - s).abs().mean().item(), rel=1e-6)
-    assert lkd_loss(teacher, student, x, distance="mse").item() == pytest.approx(
-        (t - s).pow(2).mean().item(), rel=1e-6)
+    assert lkd_loss(teacher, student, x).item() == pytest.approx((t - s).pow(2).mean().item(), rel=1e-6)
+    assert lkd_loss(teacher, student, x, distance="l1").item() == pytest.approx(
+        (t - s).abs().mean().item(), rel=1e-6)
 
 
 def test_ilkd_custom_pairs_errors_name_the_pair():
@@ -248,9 +275,7 @@ def test_teacher_in_training_mode_is_refused():
     assert not any(p.requires_grad for p in teacher.parameters())
 
 
-def test_skd_teacher_and_student_decode_the_same_noise_at_every_level():
-    teacher = freeze(Glow((1, 8, 8), levels=2, depth=2, hidden=8))
-    student = Glow((1, 8, 8), levels=2, depth=1, hidden=8)
+def _decode_spy(teacher, student):
     seen = {}
 
     def spy(name, fn):
@@ -261,7 +286,100 @@ def test_skd_teacher_and_student_decode_the_same_noise_at_every_level():
 
     teacher.decode = spy("teacher", teacher.decode)
     student.decode = spy("student", student.decode)
+    return seen
+
+
+def test_skd_official_image_glow_shares_only_the_top_latent():
+    teacher = freeze(Glow((1, 8, 8), levels=2, depth=2, hidden=8))
+    student = Glow((1, 8, 8), levels=2, depth=1, hidden=8)
+    seen = _decode_spy(teacher, student)
     skd_loss(teacher, student, 3, temperature=0.7, generator=torch.Generator().manual_seed(11))
+    g = torch.Generator().manual_seed(11)
+    shared = teacher.sample_noise(3, g)
+    own = student.sample_noise(3, g)  # the student's split-level noise: the next, independent draw
+    assert len(seen["teacher"]) == len(seen["student"]) == 1
+    zt, zs = seen["teacher"][0], seen["student"][0]
+    assert torch.equal(zt[-1], zs[-1]) and torch.equal(zt[-1], shared[-1])  # top: shared, at T = 1
+    assert torch.allclose(zt[0], 0.7 * shared[0]) and torch.allclose(zs[0], 0.7 * own[0])  # split: 0.7
+    assert not torch.allclose(zt[0], zs[0])  # ...and drawn independently for each model
+
+
+def test_skd_tabular_official_is_the_distance_of_decodes_at_temperature_one():
+    x = _tab(seed=6)
+    for build in (lambda d: MAF(4, depth=d, hidden=8), lambda d: Glow((4,), depth=d, hidden=8)):
+        teacher = freeze(_trained_like(build(2), x, seed=6))
+        student = _trained_like(build(1), x, seed=7).eval()
+        noise = teacher.sample_noise(6, torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            expected = (teacher.decode(noise) - student.decode(noise)).abs().mean().item()
+            paper = (teacher.sample(noise=noise, temperature=0.7)
+                     - student.sample(noise=noise, temperature=0.7)).abs().mean().item()
+        assert skd_loss(teacher, student, noise=noise).item() == pytest.approx(expected, rel=1e-6)
+        paper_skd = skd_loss(teacher, student, noise=noise, skd_mode="paper").item()
+        assert paper_skd == pytest.approx(paper, rel=1e-6)
+        assert abs(paper - expected) > 1e-4
+    with pytest.raises(ValueError, match="unknown skd_mode 'both'; choose one of official, paper"):
+        skd_loss(teacher, student, 2, skd_mode="both")
+    with pytest.raises(ValueError, match="unknown skd_mode 'both'"):
+        distillation_loss(teacher, student, x, method="skd", skd_mode="both")
+
+
+def test_image_nll_term_in_bits_per_dim_equals_bits_per_dim():
+    x_int = torch.randint(0, 256, (4, 1, 8, 8), generator=torch.Generator().manual_seed(3))
+    pre = ImagePreprocess("glow")
+    y, pre_logdet = pre(dequantize(x_int, generator=torch.Generator().manual_seed(4)))
+    student = _trained_like(Glow((1, 8, 8), levels=2, depth=1, hidden=8), y, seed=3).eval()
+    for bins in (256, 32):
+        out = distillation_loss(None, student, y, method="student", nll_unit="bits/dim",
+                                pre_logdet=pre_logdet, bins=bins)
+        assert out.terms["nll"].item() == pytest.approx(bits_per_dim(student, y, pre, bins).item(), rel=1e-6)
+        assert out.total.item() == pytest.approx(out.terms["nll"].item())
+    # logit preprocessing: a non-zero pre_logdet enters with the same sign as in bits_per_dim
+    pre = ImagePreprocess("logit")
+    y, pre_logdet = pre(dequantize(x_int, generator=torch.Generator().manual_seed(4)))
+    out = distillation_loss(None, student, y, method="student", nll_unit="bits/dim", pre_logdet=pre_logdet)
+    assert out.terms["nll"].item() == pytest.approx(bits_per_dim(student, y, pre).item(), rel=1e-6)
+    # no preprocessing term: bits_per_dim with preprocess=None; nats is the default unit
+    out = distillation_loss(None, student, y, method="student", nll_unit="bits/dim")
+    assert out.terms["nll"].item() == pytest.approx(bits_per_dim(student, y).item(), rel=1e-6)
+    nats = distillation_loss(None, student, y, method="student").terms["nll"].item()
+    assert nats == pytest.approx(nll(student, y).item(), rel=1e-6)
+    assert nats == pytest.approx(out.terms["nll"].item() * 64 * math.log(2), rel=1e-6)
+    with pytest.raises(ValueError, match="unknown nll_unit 'bpd'; choose one of nats, bits/dim"):
+        distillation_loss(None, student, y, nll_unit="bpd")
+    with pytest.raises(ValueError, match=r"pre_logdet should have shape \(4,\)"):
+        distillation_loss(None, student, y, method="student", nll_unit="bits/dim", pre_logdet=pre_logdet[:2])
+
+
+def test_defaults_follow_the_official_code():
+    x = _tab(seed=8)
+    teacher = freeze(_trained_like(MAF(4, depth=4, hidden=8), x, seed=8))
+    student = _trained_like(MAF(4, depth=2, hidden=8), x, seed=9).eval()
+    a, b = torch.tensor([[1.0, -2.0]]), torch.tensor([[0.0, 1.0]])
+    assert latent_distance(a, b).item() == pytest.approx((1 + 9) / 2)  # MSE
+    pairs = default_pairs(teacher, student)
+    with torch.no_grad():
+        t, s = teacher.encode(x), student.encode(x)
+    per_pair = [latent_distance(s.latents[j], t.latents[i]).item() for j, i in pairs]
+    by_hand = [float(((s.latents[j] - t.latents[i]) ** 2).mean()) for j, i in pairs]
+    assert per_pair == pytest.approx(by_hand, rel=1e-6)
+    assert ilkd_loss(teacher, student, x).item() == pytest.approx(sum(by_hand) / len(by_hand), rel=1e-6)
+    out = distillation_loss(teacher, student, x, method="ilkd")
+    assert out.terms["ilkd"].item() == pytest.approx(sum(by_hand) / len(by_hand), rel=1e-6)
+    lkd = distillation_loss(teacher, student, x, method="lkd").terms["lkd"].item()
+    assert lkd == pytest.approx(float(((s.flat() - t.flat()) ** 2).mean()), rel=1e-6)
+    points = {row["point"] for row in PAPER_VS_CODE}
+    assert {"distance L_r", "ILKD over matched points", "image NLL unit in Eq. 15", "SKD noise count",
+            "SKD shared levels (image GLOW)", "SKD temperature", "LKD weights (l0, l1, l2)"} <= points
+    assert all(set(row) == {"point", "paper", "official", "flowlib", "option"} for row in PAPER_VS_CODE)
+
+
+def test_skd_paper_mode_decodes_the_same_noise_at_every_level():
+    teacher = freeze(Glow((1, 8, 8), levels=2, depth=2, hidden=8))
+    student = Glow((1, 8, 8), levels=2, depth=1, hidden=8)
+    seen = _decode_spy(teacher, student)
+    skd_loss(teacher, student, 3, temperature=0.7, generator=torch.Generator().manual_seed(11),
+             skd_mode="paper")
     expected = teacher.sample_noise(3, torch.Generator().manual_seed(11))
     assert len(seen["teacher"]) == len(seen["student"]) == 1
     zt, zs = seen["teacher"][0], seen["student"][0]

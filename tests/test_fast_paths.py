@@ -220,8 +220,9 @@ def test_maf_encode_without_flips_equals_blockwise_encode(training, depth):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def test_affine_coupling_matches_formula():
-    layer = _trained_like(AffineCoupling(5, hidden=6).double())
+@pytest.mark.parametrize("conditioner", ["mlp", "official"])
+def test_affine_coupling_matches_formula(conditioner):
+    layer = _trained_like(AffineCoupling(5, hidden=6, conditioner=conditioner).double())
     x = _randn(8, 5)
     h = layer.net(x[:, :2])
     log_scale = F.logsigmoid(h[:, 1::2] + 2.0) - math.log(1.0 / (1.0 + math.exp(-2.0)))
@@ -230,6 +231,29 @@ def test_affine_coupling_matches_formula():
     torch.testing.assert_close(y[:, 2:], expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(y[:, :2], x[:, :2])
     torch.testing.assert_close(ld, log_scale.sum(1), rtol=1e-12, atol=1e-12)
+    with torch.no_grad():  # the in-place evaluation path: the same numbers bit for bit
+        y_eval, ld_eval = layer(x)
+    assert torch.equal(y_eval, y.detach()) and torch.equal(ld_eval, ld.detach())
+    x_rec, ld_inv = layer.inverse(y)  # the decode path
+    torch.testing.assert_close(x_rec, x, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ld_inv, -ld, rtol=1e-12, atol=1e-12)
+
+
+def test_official_conditioner_is_get_block_1d():
+    # vklyukin/nf_distillation, models/flows.py, get_block_1d: Linear(in, h), ReLU, 3 x (Linear(h, h), ReLU),
+    # Linear(h, h), Tanh, Linear(h, out); in = D // 2, out = 2 (D - D // 2)
+    layer = _trained_like(AffineCoupling(7, hidden=5, conditioner="official").double())
+    linears = [m for m in layer.net if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(3, 5)] + [(5, 5)] * 4 + [(5, 8)]
+    activations = [type(m).__name__ for m in layer.net if not isinstance(m, torch.nn.Linear)]
+    assert activations == ["ReLU"] * 4 + ["Tanh"]
+    x = _randn(6, 7)
+    h = x[:, :3]
+    for i, lin in enumerate(linears[:-1]):
+        h = torch.tanh(lin(h)) if i == 4 else torch.relu(lin(h))
+    out = linears[-1](h)
+    expected = (x[:, 3:] + out[:, 0::2]) * torch.sigmoid(out[:, 1::2] + 2.0) / (1.0 / (1.0 + math.exp(-2.0)))
+    torch.testing.assert_close(layer(x)[0][:, 3:], expected, rtol=1e-12, atol=1e-12)
 
 
 def test_maf_log_prob_is_finite_and_consistent_under_inference_mode():
@@ -313,11 +337,11 @@ def test_weights_cached_without_gradients_follow_every_change():
     torch.testing.assert_close(model.decode(model.encode(x).z), x, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("image", [False, True])
-def test_glow_step_with_actnorm_folded_into_the_mixing_matrix(image):
+@pytest.mark.parametrize("image, conditioner", [(False, "mlp"), (True, "mlp"), (False, "official")])
+def test_glow_step_with_actnorm_folded_into_the_mixing_matrix(image, conditioner):
     from flowlib.models import FlowStep
 
-    step = FlowStep(4, hidden=6, image=image).double()
+    step = FlowStep(4, hidden=6, image=image, conditioner=conditioner).double()
     x = _randn(5, 4, 2, 2) if image else _randn(5, 4)
     step.train()
     step(x)  # ActNorm's data-dependent initialisation runs the sequential path
@@ -342,10 +366,12 @@ def _tabular_models():
     maf = _trained_like(MAF(7, depth=3, hidden=8), seed=1).eval()
     glow = _trained_like(Glow((7,), depth=3, hidden=8), seed=2)
     glow.steps[0].actnorm.initialized.fill_(True)  # exercise the ActNorm-folded step too
-    return maf, glow.eval()
+    official = _trained_like(Glow((7,), depth=3, hidden=8, conditioner="official"), seed=3)
+    official.steps[1].actnorm.initialized.fill_(True)
+    return maf, glow.eval(), official.eval()
 
 
-@pytest.mark.parametrize("which", [0, 1])
+@pytest.mark.parametrize("which", [0, 1, 2])
 def test_arena_log_prob_equals_the_autograd_path_and_never_aliases(which):
     model = _tabular_models()[which]
     x, x2 = torch.randn(33, 7), torch.randn(33, 7)
@@ -375,7 +401,7 @@ def test_arena_log_prob_equals_the_autograd_path_and_never_aliases(which):
 
 
 def test_arena_nested_passes_of_two_models_do_not_share_buffers():
-    maf, glow = _tabular_models()
+    maf, glow, _ = _tabular_models()
     x = torch.randn(16, 7)
     expected_maf, expected_glow = maf.log_prob(x).detach(), glow.log_prob(x).detach()
     original = glow.encode
@@ -394,7 +420,7 @@ def test_arena_nested_passes_of_two_models_do_not_share_buffers():
 def test_arena_is_not_used_for_large_inputs_or_with_gradients(monkeypatch):
     from flowlib import scratch
 
-    maf, _ = _tabular_models()
+    maf = _tabular_models()[0]
     x = torch.randn(40, 7)
     monkeypatch.setattr(scratch, "MAX_ELEMENTS", 100)
     with torch.no_grad():

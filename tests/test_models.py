@@ -19,6 +19,7 @@ MODELS = {
     "glow-image": (lambda: Glow((1, 4, 4), levels=2, depth=2, hidden=8), (1, 4, 4)),
     "glow-image-rgb": (lambda: Glow((3, 4, 4), levels=1, depth=2, hidden=8), (3, 4, 4)),
     "glow-tabular": (lambda: Glow((5,), depth=3, hidden=8), (5,)),
+    "glow-tabular-official": (lambda: Glow((5,), depth=3, hidden=8, conditioner="official"), (5,)),
     "maf": (lambda: MAF(5, depth=3, hidden=8), (5,)),
     "maf-no-bn": (lambda: MAF(4, depth=2, hidden=8, batch_norm=False), (4,)),
 }
@@ -156,15 +157,60 @@ def test_paper_parameter_counts():
             ours = count_parameters(from_preset(name)) / 1000
         paper_k = PAPER_PARAMS_K[name][ds]
         assert abs(ours - paper_k) / paper_k < 0.15, (name, ours, paper_k)
-    # Documented mismatches (see the comment above PRESETS): the CelebA teacher as configured in Table 5
-    # has 44.1M parameters, not 61.2M; Table 2's tabular GLOW counts imply an unspecified conditioner.
+    # Documented mismatch (see the comment above PRESETS): the CelebA teacher as configured in Table 5
+    # has 44.1M parameters, not 61.2M.
     with torch.device("meta"):
         celeba_teacher = count_parameters(from_preset("celeba-glow-teacher")) / 1e3
     assert abs(celeba_teacher - 44_051) < 50
-    glow_s = count_parameters(from_preset("tabular-glow-student", shape=(6,))) / 1000
-    glow_t = count_parameters(from_preset("tabular-glow-teacher", shape=(6,))) / 1000
-    assert glow_s < glow_t and abs(glow_s - 4.416) < 0.01 and abs(glow_t - 14.688) < 0.01
     assert set(PRESETS) == set(PAPER_PARAMS_K)
+
+
+def _official_glow_step_params(d: int, h: int, lu_stored: bool) -> int:
+    """One step of the official tabular Glow (vklyukin/nf_distillation, models/flows.py FlowStep, is_1d):
+    ActNorm1d (2D), LU InvertibleConv1x1 (2D^2 + D stored, D^2 free), get_block_1d (6 Linear layers)."""
+    a, b = d // 2, d - d // 2
+    block = (a + 1) * h + 4 * (h * h + h) + (h + 1) * 2 * b
+    return 2 * d + (2 * d * d + d if lu_stored else d * d) + block
+
+
+@pytest.mark.parametrize("name", ["tabular-glow-student", "tabular-glow-teacher",
+                                  "tabular-maf-student", "tabular-maf-teacher"])
+def test_tabular_presets_reproduce_table2_parameter_counts(name):
+    # All 20 tabular counts of Table 2 within 3%. GLOW: the official conditioner (get_block_1d) with teacher
+    # K = 5, h = 64 and student K = 3, h = 32, each LU layer counted as its D^2 free values (the stored count
+    # adds D (D + 1) per step; see the comment above PRESETS). MAF: stored counts.
+    glow = name.startswith("tabular-glow")
+    off = {}
+    for ds, paper_k in PAPER_PARAMS_K[name].items():
+        model = from_preset(name, shape=(TABULAR_DIMS[ds],))
+        ours = count_parameters(model, lu="free" if glow else "stored") / 1000
+        off[ds] = (round(ours, 2), paper_k)
+        assert abs(ours - paper_k) / paper_k < 0.03, (name, ds, ours, paper_k)
+        if glow:
+            assert abs(ours - paper_k) < 0.1, (name, ds, ours, paper_k)  # as the audit found
+            k, h = (5, 64) if name.endswith("teacher") else (3, 32)
+            d = TABULAR_DIMS[ds]
+            assert model.depth == k and model.hidden == h and model.conditioner == "official"
+            assert count_parameters(model) == k * _official_glow_step_params(d, h, lu_stored=True)
+            assert count_parameters(model, lu="free") == k * _official_glow_step_params(d, h, lu_stored=False)
+    assert len(off) == 5, off
+
+
+def test_official_conditioner_is_for_tabular_glow_only():
+    with pytest.raises(ValueError, match="tabular Glow only"):
+        Glow((3, 8, 8), levels=1, depth=1, hidden=4, conditioner="official")
+    with pytest.raises(ValueError, match="unknown conditioner"):
+        Glow((4,), depth=1, hidden=4, conditioner="resnet")
+    with pytest.raises(ValueError, match="lu must be"):
+        count_parameters(Glow((4,), depth=1, hidden=4), lu="packed")
+    image = Glow((3, 8, 8), levels=1, depth=1, hidden=4)  # the default is accepted for images
+    assert "conditioner" not in repr(image).splitlines()[0]
+    assert "conditioner='official'" in repr(Glow((4,), depth=1, hidden=4, conditioner="official"))
+    # the default keeps the old 2-hidden-layer network, so old checkpoints still load
+    old = Glow((4,), depth=2, hidden=4)
+    assert len([m for m in old.steps[0].coupling.net if isinstance(m, torch.nn.Linear)]) == 3
+    with pytest.raises(RuntimeError):
+        Glow((4,), depth=2, hidden=4, conditioner="official").load_state_dict(old.state_dict())
 
 
 def test_maf_latents_are_reported_in_data_order():

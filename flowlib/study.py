@@ -1,0 +1,348 @@
+"""The paper's tabular experiment run to convergence, and the regime map: when does distillation help?
+
+Every model here -- teacher, plain student, distilled student -- trains until its validation NLL stops
+improving (``patience`` evaluations without a better value, :class:`flowlib.train.TrainConfig`), and is
+evaluated with its best-validation weights. Plain and distilled students share seeds, so each seed gives one
+*paired* difference (distilled − plain test log-likelihood); a method helps in a cell only when the 95%
+t-interval of that difference over seeds excludes zero (:func:`flowlib.selfnorm_study.paired_interval`).
+
+The regime map varies two things the paper keeps fixed (section 4.2 uses one student per architecture and
+every training row):
+
+* **student capacity** -- :data:`CAPACITIES`: the paper's student (``"paper"``: GLOW K = 3 steps of width 32
+  with the official 6-Linear conditioner; MAF 3 MADE blocks of width 32), a smaller one and a clearly
+  capacity-limited one;
+* **training-set size** -- :data:`FRACTIONS` of the training rows (nested subsets,
+  :func:`flowlib.train.training_subset`). The teacher is the paper's teacher trained on *every* row: the
+  question is what a trained teacher gives a student that sees fewer rows or has less capacity.
+
+Gap closure of a cell is ``mean paired difference / (teacher test LL − plain student mean test LL)``: 1 means
+distillation closed the whole gap; its interval is the difference's interval divided by the same gap.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .experiments import Budget
+from .train import TrainConfig
+
+__all__ = [
+    "CAPACITIES", "FRACTIONS", "STUDY_METHODS", "TEACHERS", "Schedule", "cell_table", "evaluate_model",
+    "paper_table", "run_study", "schedule", "study_config", "study_jobs",
+]
+
+#: Student sizes, largest (the paper's, Table 3 / the official code) first.
+CAPACITIES: dict[str, dict[str, dict]] = {
+    "glow": {
+        "paper": {"depth": 3, "hidden": 32, "conditioner": "official"},
+        "small": {"depth": 2, "hidden": 16, "conditioner": "official"},
+        "tiny": {"depth": 1, "hidden": 8, "conditioner": "official"},
+    },
+    "maf": {
+        "paper": {"depth": 3, "hidden": 32},
+        "small": {"depth": 2, "hidden": 16},
+        "tiny": {"depth": 1, "hidden": 8},
+    },
+}
+#: The paper's teachers (GLOW K = 5, h = 64 with the official conditioner; MAF 6 blocks of width 32).
+TEACHERS: dict[str, dict] = {
+    "glow": {"depth": 5, "hidden": 64, "conditioner": "official"},
+    "maf": {"depth": 6, "hidden": 32},
+}
+FAST_TEACHERS = {"glow": {"depth": 2, "hidden": 16, "conditioner": "official"},
+                 "maf": {"depth": 2, "hidden": 16}}
+FAST_CAPACITIES = {arch: {name: {**kw, "depth": 1, "hidden": 4 if name == "tiny" else 8}
+                          for name, kw in caps.items()} for arch, caps in CAPACITIES.items()}
+FRACTIONS = (0.1, 0.3, 1.0)
+#: Methods of the paper's Table 1 per architecture (the paper has no SKD row for MAF).
+STUDY_METHODS = {"glow": ("nll", "lkd", "ilkd", "skd"), "maf": ("nll", "lkd", "ilkd")}
+
+
+@dataclass(frozen=True)
+class Schedule(Budget):
+    """A :class:`~flowlib.experiments.Budget` whose ``steps`` is a cap: training stops earlier once
+    validation has not improved for ``patience`` evaluations."""
+
+    patience: int = 8
+
+
+def schedule(role: str, fast: bool = False) -> Schedule:
+    """Training to convergence on MAGIC-sized tabular data (batches of 512 rows, AdamW 2e-3, evaluation every
+    250 steps, stop after 8 evaluations without improvement, i.e. 2,000 steps). The caps are there only to
+    bound a run: a run that reaches its cap is reported as not plateaued."""
+    if fast:
+        return Schedule(steps=60, batch_size=256, lr=2e-3, warmup_steps=5, eval_every=20, patience=2)
+    return Schedule(steps=40_000 if role == "teacher" else 30_000, batch_size=512, lr=2e-3, warmup_steps=200,
+                    eval_every=250, patience=8)
+
+
+def _fraction_tag(fraction: float) -> str:
+    return f"f{round(100 * fraction):03d}"
+
+
+def study_config(arch: str, method: str = "nll", *, capacity: str = "paper", fraction: float = 1.0,
+                 seed: int = 0, dataset: str = "magic", fast: bool = False, distance: str = "mse",
+                 device: str = "cpu") -> TrainConfig:
+    """One model of the study: ``method="teacher"`` for the teacher (all rows, seed 0), else a student of
+    ``capacity`` trained on ``fraction`` of the rows with ``method`` ("nll", "lkd", "ilkd", "skd")."""
+    if arch not in CAPACITIES:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(CAPACITIES)}")
+    caps = (FAST_CAPACITIES if fast else CAPACITIES)[arch]
+    if method != "teacher" and capacity not in caps:
+        raise ValueError(f"unknown capacity {capacity!r}; choose one of {', '.join(caps)}")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    suffix = "-fast" if fast else ""
+    t = schedule("teacher", fast)
+    teacher = TrainConfig(
+        name=f"study-{dataset}-{arch}-teacher{suffix}", arch=arch,
+        model_kwargs=dict((FAST_TEACHERS if fast else TEACHERS)[arch]), dataset=dataset, steps=t.steps,
+        batch_size=t.batch_size, lr=t.lr, warmup_steps=t.warmup_steps, eval_every=t.eval_every, seed=0,
+        device=device, method="nll", patience=t.patience,
+    )
+    if method == "teacher":
+        return teacher
+    if method not in STUDY_METHODS[arch]:
+        choices = ", ".join(STUDY_METHODS[arch])
+        raise ValueError(f"unknown method {method!r} for {arch}; choose one of {choices}")
+    s = schedule("student", fast)
+    return TrainConfig(
+        name=f"study-{dataset}-{arch}-{capacity}-{_fraction_tag(fraction)}-{method}{suffix}", arch=arch,
+        model_kwargs=dict(caps[capacity]), dataset=dataset, steps=s.steps, batch_size=s.batch_size, lr=s.lr,
+        warmup_steps=s.warmup_steps, eval_every=s.eval_every, seed=seed, device=device, method=method,
+        teacher=teacher if method != "nll" else None, patience=s.patience, train_fraction=fraction,
+        distance=distance,
+    )
+
+
+def study_jobs(arch: str, seeds: Sequence[int], map_seeds: Sequence[int], *, fractions=FRACTIONS,
+               capacities: Iterable[str] | None = None, map_methods: Sequence[str] = ("nll", "ilkd"),
+               fast: bool = False) -> list[dict]:
+    """Every run of one architecture: the paper's cell (paper capacity, all rows) with every method of
+    :data:`STUDY_METHODS` and ``seeds``, and each other (capacity, fraction) cell of the regime map with
+    ``map_methods`` and ``map_seeds``."""
+    capacities = list(capacities or (FAST_CAPACITIES if fast else CAPACITIES)[arch])
+    jobs = []
+    for capacity in capacities:
+        for fraction in fractions:
+            paper_cell = capacity == "paper" and fraction == 1.0
+            methods = STUDY_METHODS[arch] if paper_cell else map_methods
+            for method in methods:
+                for seed in (seeds if paper_cell else map_seeds):
+                    jobs.append({"arch": arch, "method": method, "capacity": capacity, "fraction": fraction,
+                                 "seed": seed})
+    return jobs
+
+
+def prioritised(jobs: Sequence[dict], first_seeds: int = 3) -> list[dict]:
+    """``jobs`` in the order that makes an interrupted study most useful: plain and ILKD students of every
+    cell with the first ``first_seeds`` seeds (the regime map), then the rest (more seeds of the paper's cell,
+    its other methods), each group ordered by seed."""
+    rank = {"nll": 0, "ilkd": 1, "skd": 2, "lkd": 3}
+
+    def key(job):
+        seeds_rank = 0 if job["seed"] < first_seeds else 1
+        core = 0 if job["method"] in ("nll", "ilkd") else 1
+        return (seeds_rank + core, job["seed"], rank.get(job["method"], 9), job["arch"])
+
+    return sorted(jobs, key=key)
+
+
+def evaluate_model(model, dataset: str = "magic", reference=None) -> dict:
+    """Test log-likelihood (nats, mean over the test rows) with its standard error; with a ``reference``
+    model (the teacher), also the mean and standard error of the per-row difference reference − model on
+    the same rows (``teacher_margin``), which is how sure we are that the teacher is better."""
+    from .data import load
+    from .metrics import eval_mode
+
+    x = load(dataset, "test")
+    with torch.inference_mode(), eval_mode(model):
+        ll = model.log_prob(x).double()
+        out = {"test_ll": float(ll.mean()), "test_ll_stderr": float(ll.std() / math.sqrt(len(ll))),
+               "n_test": len(ll)}
+        if reference is not None:
+            with eval_mode(reference):
+                d = reference.log_prob(x).double() - ll
+            out["teacher_margin"] = float(d.mean())
+            out["teacher_margin_stderr"] = float(d.std() / math.sqrt(len(d)))
+    return out
+
+
+def _run_job(job: dict, fast: bool, checkpoint_root: str, threads: int = 1) -> dict:
+    from .models import count_parameters
+    from .train import convergence, train_or_load
+
+    torch.set_num_threads(threads)
+    config = study_config(job["arch"], job["method"], capacity=job.get("capacity", "paper"),
+                          fraction=job.get("fraction", 1.0), seed=job.get("seed", 0), fast=fast)
+    model, history = train_or_load(config, checkpoint_root=checkpoint_root, progress=False)
+    reference = None
+    if job["method"] == "nll":
+        reference, _ = train_or_load(study_config(job["arch"], "teacher", fast=fast),
+                                     checkpoint_root=checkpoint_root, progress=False)
+    # free parameters (an LU layer counted as D^2 values), the convention of the paper's Table 2
+    return {**job, "params_k": count_parameters(model, lu="free") / 1000,
+            "train_seconds": history[-1]["time"], **convergence(history),
+            **evaluate_model(model, config.dataset, reference)}
+
+
+def run_study(jobs: Sequence[dict], *, fast: bool = False, checkpoint_root: str | os.PathLike = "checkpoints",
+              workers: int = 1, progress: bool = True,
+              rows_path: str | os.PathLike | None = None) -> list[dict]:
+    """Train (or load) every job's teacher, then every job, ``workers`` processes at a time (one torch thread
+    each); one row per job: the job, parameter count, training seconds, convergence
+    (:func:`flowlib.train.convergence`) and test metrics (:func:`evaluate_model`). Finished models are
+    loaded from ``checkpoint_root``, so an interrupted study resumes where it stopped. With ``rows_path``
+    the rows finished so far are written there (atomically, JSON) after every run."""
+    from tqdm.auto import tqdm
+
+    from .results import atomic_write_json
+
+    root = str(checkpoint_root)
+    teachers = sorted({j["arch"] for j in jobs})
+    all_jobs = [{"arch": a, "method": "teacher", "capacity": "teacher", "fraction": 1.0, "seed": 0}
+                for a in teachers] + list(jobs)
+    rows: list[dict] = []
+    bar = tqdm(total=len(all_jobs), desc="study runs", disable=not progress)
+    if workers <= 1:
+        for job in all_jobs:
+            rows.append(_run_job(job, fast, root))
+            bar.update(1)
+            if rows_path is not None:
+                atomic_write_json(rows_path, rows)
+    else:
+        import concurrent.futures as cf
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            # the teachers first: every distilled student needs one
+            first = [pool.submit(_run_job, j, fast, root) for j in all_jobs[:len(teachers)]]
+            for f in first:
+                rows.append(f.result())
+                bar.update(1)
+            futures = [pool.submit(_run_job, j, fast, root) for j in all_jobs[len(teachers):]]
+            for f in cf.as_completed(futures):
+                rows.append(f.result())
+                bar.update(1)
+                if rows_path is not None:
+                    atomic_write_json(rows_path, rows)
+    bar.close()
+    key = [(j["arch"], j["method"], j["capacity"], j["fraction"], j["seed"]) for j in all_jobs]
+    rows.sort(key=lambda r: key.index((r["arch"], r["method"], r["capacity"], r["fraction"], r["seed"])))
+    return rows
+
+
+def _teacher_ll(rows: Sequence[dict], arch: str) -> float:
+    teacher = [r for r in rows if r["arch"] == arch and r["method"] == "teacher"]
+    if not teacher:
+        raise ValueError(f"no teacher row for {arch}")
+    return teacher[0]["test_ll"]
+
+
+def cell_table(rows: Sequence[dict], level: float = 0.95) -> list[dict]:
+    """One record per (arch, capacity, fraction, distilled method): the plain student's mean test LL, the
+    teacher's, the paired difference distilled − plain over the seeds both have (mean, 95% t-interval), the
+    gap closure with its interval, and ``helps`` (the interval is above zero) / ``hurts`` (below)."""
+    from .selfnorm_study import paired_interval
+
+    out = []
+    cells = sorted({(r["arch"], r["capacity"], r["fraction"]) for r in rows if r["method"] != "teacher"},
+                   key=lambda c: (c[0], list(CAPACITIES[c[0]]).index(c[1]) if c[1] in CAPACITIES[c[0]] else 9,
+                                  c[2]))
+    for arch, capacity, fraction in cells:
+        same = [r for r in rows if (r["arch"], r["capacity"], r["fraction"]) == (arch, capacity, fraction)]
+        plain = {r["seed"]: r["test_ll"] for r in same if r["method"] == "nll"}
+        if not plain:
+            continue
+        teacher = _teacher_ll(rows, arch)
+        plain_mean = sum(plain.values()) / len(plain)
+        gap = teacher - plain_mean
+        for method in dict.fromkeys(r["method"] for r in same if r["method"] != "nll"):
+            treated = {r["seed"]: r["test_ll"] for r in same if r["method"] == method}
+            seeds = sorted(set(plain) & set(treated))
+            if not seeds:
+                continue
+            ci = paired_interval([plain[s] for s in seeds], [treated[s] for s in seeds], level)
+            def scale(v, gap=gap):
+                return None if v is None or gap <= 0 else v / gap
+
+            out.append({
+                "arch": arch, "capacity": capacity, "fraction": fraction, "method": method, "n": ci["n"],
+                "plain_mean": plain_mean, "distilled_mean": plain_mean + ci["mean"], "teacher": teacher,
+                "gap": gap, "diff": ci["mean"], "diff_low": ci["low"], "diff_high": ci["high"],
+                "closure": scale(ci["mean"]), "closure_low": scale(ci["low"]),
+                "closure_high": scale(ci["high"]),
+                "helps": ci["low"] is not None and ci["low"] > 0,
+                "hurts": ci["high"] is not None and ci["high"] < 0,
+            })
+    return out
+
+
+def paper_table(rows: Sequence[dict], level: float = 0.95) -> list[dict]:
+    """Table 1's analogue from the paper's cell (paper capacity, all rows): per arch and model, the mean test
+    LL over seeds with its 95% t-interval half-width, the parameter count, and the stopping steps."""
+    from scipy import stats
+
+    out = []
+    for arch in dict.fromkeys(r["arch"] for r in rows):
+        for method in ("nll", "lkd", "ilkd", "skd", "teacher"):
+            sel = [r for r in rows if r["arch"] == arch and r["method"] == method
+                   and (method == "teacher" or (r["capacity"] == "paper" and r["fraction"] == 1.0))]
+            if not sel:
+                continue
+            values = [r["test_ll"] for r in sel]
+            n = len(values)
+            mean = sum(values) / n
+            if n > 1:
+                sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+                half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
+            else:  # one model (the teacher): the test-set standard error instead
+                half = 1.96 * sel[0]["test_ll_stderr"]
+            out.append({"arch": arch, "model": method, "n": n, "test_ll": mean, "half_width": half,
+                        "params_k": sel[0]["params_k"], "best_steps": [r["best_step"] for r in sel],
+                        "last_steps": [r["last_step"] for r in sel],
+                        "all_plateaued": all(r["plateaued"] for r in sel)})
+    return out
+
+
+def main(argv=None) -> int:
+    """``python -m flowlib.study``: train (or load) the study's models and write their rows as JSON."""
+    import argparse
+    import time
+
+    from .results import atomic_write_json
+
+    parser = argparse.ArgumentParser(prog="python -m flowlib.study", description=__doc__.split("\n")[0])
+    parser.add_argument("--archs", nargs="+", default=["glow", "maf"], choices=sorted(CAPACITIES))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4],
+                        help="seeds of the paper's cell (paper capacity, every row)")
+    parser.add_argument("--map-seeds", nargs="+", type=int, default=[0, 1, 2],
+                        help="seeds of the other regime-map cells")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--checkpoint-dir", default="checkpoints")
+    parser.add_argument("--rows", default="results/study_rows.json", help="where the rows are written")
+    parser.add_argument("--fast", action="store_true", help="tiny models and few steps (a smoke test)")
+    args = parser.parse_args(argv)
+    from .results import project_path
+
+    jobs = []
+    for arch in args.archs:
+        jobs += study_jobs(arch, args.seeds, args.map_seeds, fast=args.fast)
+    start = time.perf_counter()
+    rows = run_study(prioritised(jobs, len(args.map_seeds)), fast=args.fast,
+                     checkpoint_root=project_path(args.checkpoint_dir), workers=args.workers,
+                     rows_path=project_path(args.rows))
+    atomic_write_json(project_path(args.rows), rows)
+    print(f"{len(rows)} runs in {time.perf_counter() - start:.0f} s -> {args.rows}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
