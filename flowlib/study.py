@@ -29,12 +29,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .experiments import Budget
 from .train import TrainConfig
 
 __all__ = [
-    "CAPACITIES", "FRACTIONS", "STUDY_METHODS", "TEACHERS", "Schedule", "cell_table", "evaluate_model",
-    "paper_table", "run_study", "schedule", "study_config", "study_jobs",
+    "Budget", "CAPACITIES", "all_jobs", "FRACTIONS", "STUDY_METHODS", "TEACHERS", "Schedule", "cell_table",
+    "evaluate_model", "method_label", "paper_table", "prioritised", "regime_summary", "run_study",
+    "schedule", "study_config", "study_jobs",
 ]
 
 #: Student sizes, largest (the paper's, Table 3 / the official code) first.
@@ -65,9 +65,20 @@ STUDY_METHODS = {"glow": ("nll", "lkd", "ilkd", "skd"), "maf": ("nll", "lkd", "i
 
 
 @dataclass(frozen=True)
+class Budget:
+    """Training budget of one run."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    warmup_steps: int
+    eval_every: int
+
+
+@dataclass(frozen=True)
 class Schedule(Budget):
-    """A :class:`~flowlib.experiments.Budget` whose ``steps`` is a cap: training stops earlier once
-    validation has not improved for ``patience`` evaluations."""
+    """A :class:`Budget` whose ``steps`` is a cap: training stops earlier once validation has not improved
+    for ``patience`` evaluations."""
 
     patience: int = 8
 
@@ -88,9 +99,10 @@ def _fraction_tag(fraction: float) -> str:
 
 def study_config(arch: str, method: str = "nll", *, capacity: str = "paper", fraction: float = 1.0,
                  seed: int = 0, dataset: str = "magic", fast: bool = False, distance: str = "mse",
-                 device: str = "cpu") -> TrainConfig:
-    """One model of the study: ``method="teacher"`` for the teacher (all rows, seed 0), else a student of
-    ``capacity`` trained on ``fraction`` of the rows with ``method`` ("nll", "lkd", "ilkd", "skd")."""
+                 device: str = "cpu", teacher_seed: int = 0) -> TrainConfig:
+    """One model of the study: ``method="teacher"`` for the teacher (all rows, ``teacher_seed``), else a
+    student of ``capacity`` trained on ``fraction`` of the rows with ``method`` ("nll", "lkd", "ilkd",
+    "skd"), distilled from that teacher."""
     if arch not in CAPACITIES:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(CAPACITIES)}")
     caps = (FAST_CAPACITIES if fast else CAPACITIES)[arch]
@@ -103,13 +115,14 @@ def study_config(arch: str, method: str = "nll", *, capacity: str = "paper", fra
     teacher = TrainConfig(
         name=f"study-{dataset}-{arch}-teacher{suffix}", arch=arch,
         model_kwargs=dict((FAST_TEACHERS if fast else TEACHERS)[arch]), dataset=dataset, steps=t.steps,
-        batch_size=t.batch_size, lr=t.lr, warmup_steps=t.warmup_steps, eval_every=t.eval_every, seed=0,
+        batch_size=t.batch_size, lr=t.lr, warmup_steps=t.warmup_steps, eval_every=t.eval_every,
+        seed=teacher_seed,
         device=device, method="nll", patience=t.patience,
     )
     if method == "teacher":
         return teacher
-    if method not in STUDY_METHODS[arch]:
-        choices = ", ".join(STUDY_METHODS[arch])
+    if method not in ("nll", "lkd", "ilkd", "skd"):
+        choices = "nll, lkd, ilkd, skd"
         raise ValueError(f"unknown method {method!r} for {arch}; choose one of {choices}")
     s = schedule("student", fast)
     return TrainConfig(
@@ -140,6 +153,20 @@ def study_jobs(arch: str, seeds: Sequence[int], map_seeds: Sequence[int], *, fra
     return jobs
 
 
+def all_jobs(archs: Sequence[str], seeds: Sequence[int], map_seeds: Sequence[int], *, fractions=FRACTIONS,
+             distance_ablation: bool = True, fast: bool = False) -> list[dict]:
+    """Every student run of the study (notebook 10 and ``python -m flowlib.study``): :func:`study_jobs` for
+    each architecture and, with ``distance_ablation``, ILKD with the paper's L1 distance on the paper's cell
+    (``seeds``), next to the official code's MSE."""
+    jobs = []
+    for arch in archs:
+        jobs += study_jobs(arch, seeds, map_seeds, fractions=fractions, fast=fast)
+        if distance_ablation:
+            jobs += [{"arch": arch, "method": "ilkd", "capacity": "paper", "fraction": 1.0, "seed": s,
+                      "distance": "l1"} for s in seeds]
+    return jobs
+
+
 def prioritised(jobs: Sequence[dict], first_seeds: int = 3) -> list[dict]:
     """``jobs`` in the order that makes an interrupted study most useful: plain and ILKD students of every
     cell with the first ``first_seeds`` seeds (the regime map), then the rest (more seeds of the paper's cell,
@@ -148,7 +175,7 @@ def prioritised(jobs: Sequence[dict], first_seeds: int = 3) -> list[dict]:
 
     def key(job):
         seeds_rank = 0 if job["seed"] < first_seeds else 1
-        core = 0 if job["method"] in ("nll", "ilkd") else 1
+        core = 0 if job["method"] in ("nll", "ilkd") and job.get("distance", "mse") == "mse" else 1
         return (seeds_rank + core, job["seed"], rank.get(job["method"], 9), job["arch"])
 
     return sorted(jobs, key=key)
@@ -180,7 +207,8 @@ def _run_job(job: dict, fast: bool, checkpoint_root: str, threads: int = 1) -> d
 
     torch.set_num_threads(threads)
     config = study_config(job["arch"], job["method"], capacity=job.get("capacity", "paper"),
-                          fraction=job.get("fraction", 1.0), seed=job.get("seed", 0), fast=fast)
+                          fraction=job.get("fraction", 1.0), seed=job.get("seed", 0), fast=fast,
+                          distance=job.get("distance", "mse"))
     model, history = train_or_load(config, checkpoint_root=checkpoint_root, progress=False)
     reference = None
     if job["method"] == "nll":
@@ -234,8 +262,11 @@ def run_study(jobs: Sequence[dict], *, fast: bool = False, checkpoint_root: str 
                 if rows_path is not None:
                     atomic_write_json(rows_path, rows)
     bar.close()
-    key = [(j["arch"], j["method"], j["capacity"], j["fraction"], j["seed"]) for j in all_jobs]
-    rows.sort(key=lambda r: key.index((r["arch"], r["method"], r["capacity"], r["fraction"], r["seed"])))
+    def ident(j):
+        return (j["arch"], j["method"], j["capacity"], j["fraction"], j["seed"], j.get("distance", "mse"))
+
+    key = [ident(j) for j in all_jobs]
+    rows.sort(key=lambda r: key.index(ident(r)))
     return rows
 
 
@@ -264,12 +295,13 @@ def cell_table(rows: Sequence[dict], level: float = 0.95) -> list[dict]:
         teacher = _teacher_ll(rows, arch)
         plain_mean = sum(plain.values()) / len(plain)
         gap = teacher - plain_mean
-        for method in dict.fromkeys(r["method"] for r in same if r["method"] != "nll"):
-            treated = {r["seed"]: r["test_ll"] for r in same if r["method"] == method}
+        for method in dict.fromkeys(method_label(r) for r in same if r["method"] != "nll"):
+            treated = {r["seed"]: r["test_ll"] for r in same if method_label(r) == method}
             seeds = sorted(set(plain) & set(treated))
             if not seeds:
                 continue
             ci = paired_interval([plain[s] for s in seeds], [treated[s] for s in seeds], level)
+
             def scale(v, gap=gap):
                 return None if v is None or gap <= 0 else v / gap
 
@@ -285,6 +317,32 @@ def cell_table(rows: Sequence[dict], level: float = 0.95) -> list[dict]:
     return out
 
 
+def method_label(row: dict) -> str:
+    """``"ilkd"``, or ``"ilkd (l1)"`` for a run with the paper's L1 distance instead of the default MSE."""
+    distance = row.get("distance", "mse")
+    return row["method"] if distance == "mse" else f"{row['method']} ({distance})"
+
+
+def regime_summary(cells: Sequence[dict]) -> list[str]:
+    """Plain sentences from :func:`cell_table`'s records: per architecture and method, in how many cells the
+    paired 95% interval is above zero (helps), below (hurts), or contains zero, and where it helps."""
+    lines = []
+    for arch in dict.fromkeys(c["arch"] for c in cells):
+        for method in dict.fromkeys(c["method"] for c in cells if c["arch"] == arch):
+            sel = [c for c in cells if c["arch"] == arch and c["method"] == method]
+            helps = [c for c in sel if c["helps"]]
+            hurts = [c for c in sel if c["hurts"]]
+            where = ", ".join(f"{c['capacity']} student on {round(100 * c['fraction'])}% of the rows "
+                              f"(closure {c['closure']:.2f})" if c["closure"] is not None else
+                              f"{c['capacity']} student on {round(100 * c['fraction'])}% of the rows"
+                              for c in helps)
+            text = (f"{arch.upper()} {method.upper()}: helps in {len(helps)} of {len(sel)} cells"
+                    + (f" ({where})" if helps else "") + f", hurts in {len(hurts)}, "
+                    f"no effect beyond the noise in {len(sel) - len(helps) - len(hurts)}.")
+            lines.append(text)
+    return lines
+
+
 def paper_table(rows: Sequence[dict], level: float = 0.95) -> list[dict]:
     """Table 1's analogue from the paper's cell (paper capacity, all rows): per arch and model, the mean test
     LL over seeds with its 95% t-interval half-width, the parameter count, and the stopping steps."""
@@ -292,8 +350,9 @@ def paper_table(rows: Sequence[dict], level: float = 0.95) -> list[dict]:
 
     out = []
     for arch in dict.fromkeys(r["arch"] for r in rows):
-        for method in ("nll", "lkd", "ilkd", "skd", "teacher"):
-            sel = [r for r in rows if r["arch"] == arch and r["method"] == method
+        labels = dict.fromkeys(["nll", "lkd", "ilkd", "skd"] + [method_label(r) for r in rows] + ["teacher"])
+        for method in labels:
+            sel = [r for r in rows if r["arch"] == arch and method_label(r) == method
                    and (method == "teacher" or (r["capacity"] == "paper" and r["fraction"] == 1.0))]
             if not sel:
                 continue
@@ -328,13 +387,14 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--checkpoint-dir", default="checkpoints")
     parser.add_argument("--rows", default="results/study_rows.json", help="where the rows are written")
+    parser.add_argument("--no-distance-ablation", action="store_true",
+                        help="leave out ILKD with the paper's L1 distance")
     parser.add_argument("--fast", action="store_true", help="tiny models and few steps (a smoke test)")
     args = parser.parse_args(argv)
     from .results import project_path
 
-    jobs = []
-    for arch in args.archs:
-        jobs += study_jobs(arch, args.seeds, args.map_seeds, fast=args.fast)
+    jobs = all_jobs(args.archs, args.seeds, args.map_seeds, distance_ablation=not args.no_distance_ablation,
+                    fast=args.fast)
     start = time.perf_counter()
     rows = run_study(prioritised(jobs, len(args.map_seeds)), fast=args.fast,
                      checkpoint_root=project_path(args.checkpoint_dir), workers=args.workers,

@@ -28,7 +28,7 @@ import torch
 from flowlib import data, data_images, data_sources
 from flowlib.data import ChecksumError, DataNotAvailableError, InvalidDataError
 
-OFFLINE = ["magic", "patches", "fashion-mnist", "mnist-5k", "digits"]
+OFFLINE = ["magic", "patches", "fashion-mnist", "fashion-mnist-16", "mnist-5k", "digits"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -751,3 +751,21 @@ def test_a_damaged_data_cache_is_named_and_recomputed(shared_root, no_network, d
 def test_offline_download_says_the_download_failed(tmp_path, no_network):
     with pytest.raises(DataNotAvailableError, match=r"the download failed: .*network access is disabled"):
         data.load("cifar10", root=tmp_path, download=True)
+
+
+def test_downsampled_images_are_area_averages_rounded_to_grey_levels():
+    x = np.zeros((2, 1, 28, 28), dtype=np.uint8)
+    x[0] = 200  # a constant image stays constant
+    x[1, 0, :14, :] = 255  # top half white: the top 8 of 16 rows white, the bottom 8 black
+    y = data.downsample_images(x, 16)
+    assert y.shape == (2, 1, 16, 16) and y.dtype == np.uint8
+    assert (y[0] == 200).all()
+    assert (y[1, 0, :8] == 255).all() and (y[1, 0, 8:] == 0).all()
+    z = data.downsample_images(np.arange(16, dtype=np.uint8).reshape(1, 1, 4, 4) * 10, 2)
+    assert z[0, 0].tolist() == [[25, 45], [105, 125]]  # means of each 2x2 block: (0+10+40+50)/4 = 25, ...
+
+
+def test_fashion_mnist_16_is_fashion_mnist_downsampled(no_network):
+    full, small = data.load("fashion-mnist", "val"), data.load("fashion-mnist-16", "val")
+    assert small.shape == (6000, 1, 16, 16)
+    assert torch.equal(small, torch.from_numpy(data.downsample_images(full.numpy(), 16)))

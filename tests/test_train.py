@@ -409,3 +409,88 @@ def test_training_lock_blocks_a_second_holder(tmp_path):
         waited = time.perf_counter() - start
     holder.wait(timeout=60)
     assert waited > 0.5
+
+
+# ----------------------------------------------------------------------------------------------------
+# Convergence: patience, best-validation weights, training fractions (issue 16)
+# ----------------------------------------------------------------------------------------------------
+
+def test_training_stops_after_patience_evaluations_without_improvement_and_keeps_the_best_weights(
+        tmp_path, monkeypatch):
+    import flowlib.train as train_module
+
+    scripted = iter([5.0, 4.0, 3.0, 3.5, 3.2, 3.1, 2.0, 1.0])  # best at the 3rd evaluation, then 3 worse
+    real_evaluate = train_module.evaluate
+
+    def fake_evaluate(model, data, *args, **kwargs):
+        real = real_evaluate(model, data, *args, **kwargs)
+        value = next(scripted)
+        return {"nll": value, "bpd": value + 0 * real["bpd"]}
+
+    monkeypatch.setattr(train_module, "evaluate", fake_evaluate)
+    model = _maf()
+    config = BASE.replace(steps=80, eval_every=10, patience=3)
+    history = train(model, TRAIN, VAL, config, checkpoint_dir=tmp_path, progress=False)
+    assert [h["step"] for h in history] == list(range(1, 61))  # stopped at the 6th evaluation, not at 80
+    assert history[-1]["stopped"] == "patience"
+    best, last = load_checkpoint(tmp_path / "best.pt"), load_checkpoint(tmp_path / "last.pt")
+    assert best["step"] == 30 and last["step"] == 60 and last["finished"]
+    # the model train() hands back holds the best-validation weights, not the last ones
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, best["model"][key]), key
+    assert any(not torch.equal(last["model"][k], best["model"][k]) for k in best["model"])
+    from flowlib.train import convergence
+    assert convergence(history) == {"best_step": 30, "last_step": 60, "stopped_by": "patience",
+                                    "plateaued": True, "best_val_nll": 3.0}
+    # a finished run asked again returns the best weights too
+    again = _maf(seed=7)
+    train(again, TRAIN, VAL, config, checkpoint_dir=tmp_path, progress=False)
+    assert all(torch.equal(v, best["model"][k]) for k, v in again.state_dict().items())
+
+
+def test_without_patience_training_runs_every_step_and_reports_no_plateau_when_still_improving(monkeypatch):
+    import flowlib.train as train_module
+    from flowlib.train import convergence, evaluations_without_improvement
+
+    values = iter([5.0, 4.0, 3.0])
+    monkeypatch.setattr(train_module, "evaluate", lambda *a, **k: {"nll": next(values), "bpd": 0.0})
+    history = train(_maf(), TRAIN, VAL, BASE, progress=False)
+    assert len(history) == 30
+    assert convergence(history)["plateaued"] is False and convergence(history)["stopped_by"] == "steps"
+    assert evaluations_without_improvement(history) == 0
+    with pytest.raises(ValueError, match="patience"):
+        BASE.replace(patience=0)
+
+
+def test_training_subset_is_one_fixed_nested_permutation():
+    from flowlib.train import training_subset
+
+    x = torch.arange(1000.0)[:, None]
+    small, large = training_subset(x, 0.1), training_subset(x, 0.3)
+    assert len(small) == 100 and len(large) == 300
+    assert set(small.flatten().tolist()) <= set(large.flatten().tolist())  # nested
+    assert torch.equal(training_subset(x, 0.1), small)  # the same rows every time, whatever the seed
+    assert len(set(small.flatten().tolist())) == 100 and small.flatten().tolist() != list(range(100))
+    assert training_subset(x, 1.0) is x
+    with pytest.raises(ValueError, match="train_fraction"):
+        BASE.replace(train_fraction=0.0)
+    # train() uses it: a run on 10% of the rows only ever draws those rows
+    seen = []
+    train(_maf(), TRAIN, VAL, BASE.replace(steps=20, train_fraction=0.1), progress=False,
+          batch_hook=lambda step, xb: seen.append(xb.clone()))
+    rows = torch.cat(seen)
+    allowed = training_subset(TRAIN, 0.1)
+    assert all(bool((allowed == r).all(1).any()) for r in rows[:200])
+
+
+def test_image_distillation_objective_is_in_bits_per_dim():
+    torch.manual_seed(0)
+    model = Glow((1, 4, 4), levels=1, depth=1, hidden=8)
+    config = BASE.replace(arch="glow", steps=2, eval_every=2, batch_size=8)
+    history = train(model, IMAGES, IMAGES_VAL, config, progress=False)
+    rec = history[-1]
+    assert rec["terms"]["nll"] == pytest.approx(rec["bpd"], rel=1e-6)  # the loss's NLL term is bits/dim
+    assert rec["loss"] == pytest.approx(rec["bpd"], rel=1e-6)
+    nats = train(Glow((1, 4, 4), levels=1, depth=1, hidden=8), IMAGES, IMAGES_VAL,
+                 config.replace(nll_unit="nats"), progress=False)[-1]
+    assert nats["terms"]["nll"] == pytest.approx(nats["nll"], rel=1e-6)  # the old unit, on request
