@@ -79,7 +79,8 @@ PAPER_VS_CODE: list[dict[str, str]] = [
      "official": "only the top latent is shared (z=latent, pl_module.py 234-243); each model's Split2d draws "
                  "its own split-level latent from its learned prior (models/layers.py 302-308, torch.normal: "
                  "no gradient to that prior)",
-     "flowlib": "skd_mode='official': top shared, split-level noise drawn independently per model",
+     "flowlib": "skd_mode='official': top shared, split-level noise drawn independently per model; the "
+                "decode is reparameterised, so the student's split prior does get a gradient",
      "option": "skd_mode='paper' shares every level"},
     {"point": "SKD temperature",
      "paper": "not stated for SKD; samples and FID at 0.7 (section 4)",
@@ -87,6 +88,13 @@ PAPER_VS_CODE: list[dict[str, str]] = [
                  "Split2d, so image split levels at 0.7 and tabular GLOW / MAF (no split) at T = 1",
      "flowlib": "skd_mode='official': temperature scales the split levels only",
      "option": "skd_mode='paper': temperature on every level"},
+    {"point": "ILKD points (image GLOW)",
+     "paper": "at each split level (section 3.2, Figure 1)",
+     "official": "the output of each SqueezeLayer and of the last layer (pl_module.py 81-110): a level's "
+                 "squeeze comes after the previous split, so the first point is the squeezed data itself, "
+                 "the same for teacher and student, and still counts in the average",
+     "flowlib": "default_pairs: the representation at the end of each level, before its split",
+     "option": "pairs=[(student_index, teacher_index), ...]"},
     {"point": "LKD weights (l0, l1, l2)",
      "paper": "(1, 0, 0) printed for the LKD rows (section 4.2)",
      "official": "no separate LKD switch; loss.kd weights nll 0.9 / kd 0.1 / perceptual 0 "

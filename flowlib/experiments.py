@@ -1,8 +1,9 @@
 """The CPU-scale experiments the notebooks run: teacher and student configurations, fast and full.
 
 Tabular models are the paper's pairs, trained to their validation plateaus (:mod:`flowlib.study`, whose
-configurations these are): MAF teacher 6 blocks / student 3 blocks of MADE(2 x 32); GLOW teacher K = 5,
-h = 64 / student K = 3, h = 32 with the official 6-Linear coupling network (Table 2's counts). Images
+configurations these are): MAF teacher 6 blocks / student 3 blocks of MADE(2 x 32); GLOW student K = 3,
+h = 32 with the official 6-Linear coupling network (Table 2's count) and teacher K = 8, h = 32 (the paper's
+K = 5, h = 64 overfits MAGIC and is no better than its student; :data:`flowlib.study.TEACHERS`). Images
 (Table 5, read as L levels of K steps): the teacher has 4x the student's steps per level, like the CIFAR-10
 pair (K = 32 / 8), at a width a 2-core CPU can train; every image model stops on its validation plateau,
 and plain and distilled students share one schedule. ``fast=True`` shrinks everything to seconds: the same
