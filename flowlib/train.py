@@ -53,8 +53,8 @@ from .models import MAF, Glow, build_model
 
 __all__ = [
     "CheckpointError", "TrainConfig", "TrainingDiverged", "config_diff", "config_hash", "convergence",
-    "evaluate", "evaluations_without_improvement", "history_frame", "load_checkpoint", "load_model",
-    "remove_stale_temporaries", "resolve_device", "save_checkpoint", "train", "train_or_load",
+    "evaluate", "evaluations_without_improvement", "history_frame", "is_trained", "load_checkpoint",
+    "load_model", "remove_stale_temporaries", "resolve_device", "save_checkpoint", "train", "train_or_load",
     "training_lock", "training_subset",
 ]
 
@@ -753,6 +753,13 @@ def train_or_load(config: TrainConfig, data_fn: Callable[[str, str], Any] | None
         if found is not None:
             return found
         return _train_new(config, data_fn, checkpoint_root, progress, which, directory)
+
+
+def is_trained(config: TrainConfig, checkpoint_root: str | os.PathLike = "checkpoints") -> bool:
+    """Whether ``config``'s run has finished under ``checkpoint_root`` (so :func:`train_or_load` loads it
+    instead of training). A results notebook uses it to draw what exists without training anything."""
+    last = Path(checkpoint_root) / f"{config.name}-{config_hash(config)}" / "last.pt"
+    return last.exists() and bool(load_checkpoint(last).get("finished"))
 
 
 def _finish(config: TrainConfig, directory: Path, which: str, model: nn.Module, history: list[dict]):
