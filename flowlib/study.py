@@ -399,7 +399,8 @@ def main(argv=None) -> int:
                         help="seeds of the other regime-map cells")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--checkpoint-dir", default="checkpoints")
-    parser.add_argument("--rows", default="results/study_rows.json", help="where the rows are written")
+    parser.add_argument("--rows", default="runs/study_rows.json",
+                        help="where the rows are written (notebook 10 tables the committed ones)")
     parser.add_argument("--no-distance-ablation", action="store_true",
                         help="leave out ILKD with the paper's L1 distance")
     parser.add_argument("--fast", action="store_true", help="tiny models and few steps (a smoke test)")
