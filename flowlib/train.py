@@ -44,10 +44,14 @@ from .checkpoints import (
 from .distill import (
     DISTANCES,
     PRESETS,
+    SKD_MODES,
     bits_per_dim_from_log_prob,
     distillation_loss,
     freeze,
     resolve_method,
+)
+from .distill import (
+    NLL_UNITS as DISTILL_NLL_UNITS,
 )
 from .models import MAF, Glow, build_model
 
@@ -64,8 +68,7 @@ _NON_IDENTITY_KEYS = ("device",)
 # stored-config check) only when not at this default, so older checkpoints keep their names.
 _ADDED_FIELDS = {"lambda_schedule": "constant", "patience": None, "train_fraction": 1.0}
 LAMBDA_SCHEDULES = ("constant", "decay")
-NLL_UNITS = ("auto", "nats", "bits/dim")
-SKD_MODES = ("official", "paper")
+NLL_UNITS = ("auto", *DISTILL_NLL_UNITS)  # "auto": bits/dim for images, nats for tabular data
 
 
 class TrainingDiverged(RuntimeError):
