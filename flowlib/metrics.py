@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -258,3 +258,22 @@ def sample_fid(model, n_samples: int, temperature: float = 1.0, *, seed: int = 0
             out.append(to_pixels(model.sample(k, temperature=temperature, generator=gen).cpu(), preprocess))
     fid_kwargs.setdefault("progress", progress)
     return fid(torch.cat(out), **fid_kwargs)
+
+
+def paired_interval(baseline: Sequence[float], treated: Sequence[float], level: float = 0.95) -> dict:
+    """Mean of ``treated[i] - baseline[i]`` over paired seeds, its standard error and the two-sided
+    ``level`` confidence interval from Student's t with ``n - 1`` degrees of freedom (no bounds, None, for
+    n < 2)."""
+    from scipy import stats
+
+    if len(baseline) != len(treated) or not baseline:
+        raise ValueError(f"need paired, non-empty runs; got {len(baseline)} and {len(treated)}")
+    diffs = [float(t) - float(b) for b, t in zip(baseline, treated)]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    if n < 2:  # no spread to estimate: no interval (None, which JSON keeps as null)
+        return {"n": n, "mean": mean, "se": None, "low": None, "high": None, "level": level}
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+    se = sd / math.sqrt(n)
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * se
+    return {"n": n, "mean": mean, "se": se, "low": mean - half, "high": mean + half, "level": level}

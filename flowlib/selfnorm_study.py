@@ -10,19 +10,21 @@
 * :func:`data_nll`: the exact negative log-likelihood of the dequantised pixels (nats per image on the
   0..256 scale, the unit of the paper's MNIST tables) and :func:`bits_per_dim`;
 * :func:`block_pairs`: ILKD's matched points for dense students and teachers of different depths;
-* :func:`paired_interval`: the mean paired difference over seeds with its t confidence interval.
+* :func:`paired_interval` (from :mod:`flowlib.metrics`, re-exported): the mean paired difference over seeds
+  with its t confidence interval.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from .bijectors import ImagePreprocess, cached_weights, dequantize
 from .distill import bits_per_dim_from_log_prob
+from .metrics import paired_interval  # noqa: F401  (re-exported: notebooks and tests import it here)
 
 __all__ = ["ALPHA", "DIM", "bits_per_dim", "block_pairs", "build", "data_nll", "format_interval",
            "load_images", "paired_interval", "preprocess_fn"]
@@ -106,25 +108,6 @@ def block_pairs(student_blocks: int, teacher_blocks: int) -> list[tuple[int, int
         raise ValueError(f"need 1 <= student_blocks <= teacher_blocks, got {student_blocks}, "
                          f"{teacher_blocks}")
     return [(i, math.ceil((i + 1) * teacher_blocks / student_blocks) - 1) for i in range(student_blocks)]
-
-
-def paired_interval(baseline: Sequence[float], treated: Sequence[float], level: float = 0.95) -> dict:
-    """Mean of ``treated[i] - baseline[i]`` over paired seeds, its standard error and the two-sided
-    ``level`` confidence interval from Student's t with ``n - 1`` degrees of freedom (no bounds, None, for
-    n < 2)."""
-    from scipy import stats
-
-    if len(baseline) != len(treated) or not baseline:
-        raise ValueError(f"need paired, non-empty runs; got {len(baseline)} and {len(treated)}")
-    diffs = [float(t) - float(b) for b, t in zip(baseline, treated)]
-    n = len(diffs)
-    mean = sum(diffs) / n
-    if n < 2:  # no spread to estimate: no interval (None, which JSON keeps as null)
-        return {"n": n, "mean": mean, "se": None, "low": None, "high": None, "level": level}
-    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
-    se = sd / math.sqrt(n)
-    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * se
-    return {"n": n, "mean": mean, "se": se, "low": mean - half, "high": mean + half, "level": level}
 
 
 def format_interval(ci: dict, digits: int = 1) -> str:

@@ -6,7 +6,8 @@
   students); evaluation on a validation split every ``eval_every`` steps; ``best.pt`` (lowest validation
   NLL) and ``last.pt`` (everything needed to resume) written atomically; a divergence guard.
 * :func:`train_or_load` -- ``<root>/<name>-<hash>/``: load a finished run, resume a partial one, or train
-  (the teacher of a distilled config first).
+  (the teacher of a distilled config first). With early stopping ``steps`` is only a cap and not part of
+  the hash: raising it extends a run that stopped at the old cap.
 
 Reproducibility: batches, per-batch dequantisation noise and SKD noise come from one ``torch.Generator``
 seeded from ``config.seed``; its state, the global RNG state, the model, the optimizer and the history
@@ -58,8 +59,8 @@ from .models import MAF, Glow, build_model
 __all__ = [
     "CheckpointError", "TrainConfig", "TrainingDiverged", "config_diff", "config_hash", "convergence",
     "evaluate", "evaluations_without_improvement", "history_frame", "is_trained", "load_checkpoint",
-    "load_model", "remove_stale_temporaries", "resolve_device", "save_checkpoint", "train", "train_or_load",
-    "training_lock", "training_subset",
+    "load_model", "rehash_checkpoints", "remove_stale_temporaries", "resolve_device", "save_checkpoint",
+    "train", "train_or_load", "training_lock", "training_subset",
 ]
 
 # Keys that do not change what is computed and are left out of the hash and the config comparison.
@@ -252,9 +253,19 @@ def _finite_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _steps_is_a_cap(d: dict) -> bool:
+    """Whether ``steps`` only bounds the run: with early stopping (``patience``) and constant Eq. 15 weights
+    nothing computed before the cap depends on it (the learning rate is warm-up then constant), so a run is
+    identified without it; raising the cap extends a run that stopped at it and leaves plateaued runs as
+    they are."""
+    return d.get("patience") is not None and d.get("lambda_schedule", "constant") == "constant"
+
+
 def _identity_dict(d: dict) -> dict:
     out = {k: v for k, v in d.items()
            if k not in _NON_IDENTITY_KEYS and not (k in _ADDED_FIELDS and v == _ADDED_FIELDS[k])}
+    if _steps_is_a_cap(d):
+        out.pop("steps", None)
     if isinstance(out.get("teacher"), dict):
         out["teacher"] = _identity_dict(out["teacher"])
     return out
@@ -295,6 +306,27 @@ def _check_same_config(stored: dict, config: TrainConfig, path) -> None:
             f"checkpoint {path} was written with a different config; differing keys: {details}. "
             f"Use the matching config, another checkpoint directory, or delete {Path(path).parent}"
         )
+
+
+def _check_within_cap(ck: dict, config: TrainConfig, path) -> None:
+    """A stored run that trained past ``config.steps`` is not ``config``'s run (capped there it would have
+    stopped earlier, possibly with other best weights)."""
+    if int(ck["step"]) > config.steps:
+        raise ValueError(
+            f"checkpoint {path} trained to step {int(ck['step'])}, beyond this config's cap "
+            f"steps={config.steps}; use steps >= {int(ck['step'])}, another checkpoint directory, or delete "
+            f"{Path(path).parent}"
+        )
+
+
+def _finished_for(ck: dict, config: TrainConfig) -> bool:
+    """Whether the stored run (a ``last.pt`` dict) is finished for ``config``: it finished, and either
+    stopped on its validation plateau or at a cap ``config`` does not raise (a raised cap extends it)."""
+    if not ck.get("finished"):
+        return False
+    history = ck.get("history") or []
+    plateaued = bool(history) and history[-1].get("stopped") == "patience"
+    return plateaued or int(ck["step"]) >= config.steps
 
 
 def _lookup(d: dict, dotted: str):
@@ -512,6 +544,7 @@ def train(model: nn.Module, train_data, val_data, config: TrainConfig, teacher: 
     if ckdir is not None and resume and (ckdir / "last.pt").exists():
         ck = load_checkpoint(ckdir / "last.pt")  # CPU: generator states must stay on the CPU
         _check_same_config(ck["config"], config, ckdir / "last.pt")
+        _check_within_cap(ck, config, ckdir / "last.pt")
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         stream.load_state_dict(ck["stream"])
@@ -520,7 +553,7 @@ def train(model: nn.Module, train_data, val_data, config: TrainConfig, teacher: 
         start_step, elapsed0 = int(ck["step"]), float(ck["elapsed"])
         if config.patience is not None and (ckdir / "best.pt").exists():
             best_state = load_checkpoint(ckdir / "best.pt")["model"]
-        if ck.get("finished"):
+        if _finished_for(ck, config):  # else unfinished, or stopped at a cap that config raises: go on
             if best_state is not None:
                 model.load_state_dict(best_state)
             return history
@@ -762,7 +795,25 @@ def is_trained(config: TrainConfig, checkpoint_root: str | os.PathLike = "checkp
     """Whether ``config``'s run has finished under ``checkpoint_root`` (so :func:`train_or_load` loads it
     instead of training). A results notebook uses it to draw what exists without training anything."""
     last = Path(checkpoint_root) / f"{config.name}-{config_hash(config)}" / "last.pt"
-    return last.exists() and bool(load_checkpoint(last).get("finished"))
+    return last.exists() and _finished_for(load_checkpoint(last), config)
+
+
+def rehash_checkpoints(checkpoint_root: str | os.PathLike = "checkpoints", pattern: str = "*") -> list[tuple]:
+    """Rename the run directories under ``checkpoint_root`` (those matching ``pattern``) to the name their
+    stored config has under the current :func:`config_hash`, so runs cached by an earlier version of
+    flowlib (whose hash kept ``steps`` for early-stopped runs) load instead of training again. A directory
+    whose new name is taken is left alone. Returns the ``(old, new)`` names renamed."""
+    renamed = []
+    for directory in sorted(Path(checkpoint_root).glob(pattern)):
+        last = directory / "last.pt"
+        if not last.is_file():
+            continue
+        config = TrainConfig.from_dict(load_checkpoint(last)["config"])
+        target = directory.with_name(f"{config.name}-{config_hash(config)}")
+        if target != directory and not target.exists():
+            directory.rename(target)
+            renamed.append((directory.name, target.name))
+    return renamed
 
 
 def _finish(config: TrainConfig, directory: Path, which: str, model: nn.Module, history: list[dict]):
@@ -780,7 +831,8 @@ def _load_finished(config: TrainConfig, directory: Path, which: str):
         return None
     ck = load_checkpoint(last_path)
     _check_same_config(ck["config"], config, last_path)
-    if not ck.get("finished"):
+    _check_within_cap(ck, config, last_path)
+    if not _finished_for(ck, config):
         return None
     model = build_model(config.arch, tuple(ck["input_shape"]), **config.model_kwargs)
     return _finish(config, directory, which, model, list(ck["history"]))

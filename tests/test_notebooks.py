@@ -285,7 +285,7 @@ def test_09_self_normalizing_flows(fast_run):
 @pytest.mark.slow
 def test_04_teacher_training(fast_run):
     r = fast_run["04_teacher_training"]["results"]
-    assert len(r["tabular"]) == 4  # {magic, patches} x {glow, maf}
+    assert len(r["tabular"]) == 2  # magic x {glow, maf}
     for name, t in r["tabular"].items():
         assert t["best_val_nll"] < t["initial_val_nll"], f"{name}: the teacher did not improve"
     (image,) = r["image"].values()
@@ -312,15 +312,15 @@ def test_05_to_07_distillation_notebooks(fast_run):
     assert r7["skd_reproducible"] is True
     assert set(r7["terms_plain_student"]) >= {"nll", "ilkd", "skd"}
     # SKD students for the archs in skd_archs only (GLOW; the paper has no MAF SKD row)
-    assert len(r7["summary"]) + 2 * len(r7["failures"]) >= 6
+    assert len(r7["summary"]) + 2 * len(r7["failures"]) >= 3
     assert {row["arch"] for row in r7["summary"]} == {"glow"}
 
 
 @pytest.mark.slow
 def test_08_evaluation(fast_run):
     r = fast_run["08_evaluation"]["results"]
-    # 2 sets: GLOW teacher + 4 methods, MAF teacher + 3 (no SKD, as in the paper's Table 1)
-    assert len(r["table1_rows"]) + len(r["failures"]) == 2 * (1 + 4) + 2 * (1 + 3)
+    # MAGIC: GLOW teacher + 4 methods, MAF teacher + 3 (no SKD, as in the paper's Table 1)
+    assert len(r["table1_rows"]) + len(r["failures"]) == (1 + 4) + (1 + 3)
     assert {row["model"] for row in r["table4"]} == {"Teacher", "Student", "ILKD Student"}
     assert all(row["fid"] > 0 and row["fid_n_fake"] == r["fid_samples"] for row in r["table4"])
     assert all(row["fid_T1.0"] > 0 and row["fid_T0.7"] > 0 for row in r["table6"])
@@ -359,7 +359,7 @@ def test_10_distillation_ablations(fast_run, executed):
 @pytest.mark.slow
 def test_11_results(fast_run):
     r = fast_run["11_results"]["results"]
-    assert r["n_verdicts"] == 10  # 2 sets x (GLOW: LKD, ILKD, SKD; MAF: LKD, ILKD) (no failures in fast mode)
+    assert r["n_verdicts"] == 5  # MAGIC: GLOW LKD, ILKD, SKD; MAF LKD, ILKD (no failures in fast mode)
     assert r["study_conclusions"] and r["study_teacher_check"]  # notebook 10's study, carried over
     assert all(v["verdict"] == "one seed: no claim" for v in r["verdicts"])  # fast mode runs one seed
     paper_rows = [x for x in r["table2_ratios"] if x["source"] == "paper"]

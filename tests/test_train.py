@@ -17,8 +17,10 @@ from flowlib.train import (
     config_hash,
     evaluate,
     history_frame,
+    is_trained,
     load_checkpoint,
     load_model,
+    rehash_checkpoints,
     resolve_device,
     save_checkpoint,
     train,
@@ -465,6 +467,66 @@ def test_without_patience_training_runs_every_step_and_reports_no_plateau_when_s
     assert evaluations_without_improvement(history) == 0
     with pytest.raises(ValueError, match="patience"):
         BASE.replace(patience=0)
+
+
+def test_with_early_stopping_the_step_count_is_a_cap_outside_the_hash():
+    early = BASE.replace(patience=3)
+    assert config_hash(early.replace(steps=999)) == config_hash(early)
+    assert config_diff(early, early.replace(steps=999)) == []
+    # without patience, or with weights that decay over `steps`, the step count changes what is computed
+    assert config_hash(BASE.replace(steps=999)) != config_hash(BASE)
+    decaying = early.replace(lambda_schedule="decay")
+    assert config_hash(decaying.replace(steps=999)) != config_hash(decaying)
+    student = BASE.replace(name="s", method="ilkd", teacher=early, patience=3)
+    assert config_hash(student.replace(teacher=early.replace(steps=5))) == config_hash(student)
+
+
+def test_raising_the_cap_extends_a_capped_run_exactly_and_leaves_a_plateaued_one(tmp_path):
+    capped = BASE.replace(steps=20, patience=100)  # patience never reached: the run stops at its cap
+    _, first = train_or_load(capped, data_fn=_data_fn([]), checkpoint_root=tmp_path, progress=False)
+    assert len(first) == 20 and "stopped" not in first[-1]
+    raised = capped.replace(steps=40)
+    assert not is_trained(raised, tmp_path) and is_trained(capped, tmp_path)
+    extended_model, extended = train_or_load(raised, data_fn=_data_fn([]), checkpoint_root=tmp_path,
+                                             progress=False)
+    fresh_model, fresh = train_or_load(raised, data_fn=_data_fn([]), checkpoint_root=tmp_path / "fresh",
+                                       progress=False)
+    assert len(extended) == 40 and [h["loss"] for h in extended] == [h["loss"] for h in fresh]
+    assert all(torch.equal(a, b) for a, b in zip(extended_model.state_dict().values(),
+                                                  fresh_model.state_dict().values()))
+    assert [p.name for p in tmp_path.iterdir() if p.name != "fresh"] == [f"toy-{config_hash(capped)}"]
+    # a cap below where the stored run went is another run: refused, naming steps
+    with pytest.raises(ValueError, match="trained to step 40, beyond this config's cap steps=30"):
+        train_or_load(capped.replace(steps=30), data_fn=_data_fn([]), checkpoint_root=tmp_path,
+                      progress=False)
+
+
+def test_a_run_stopped_on_its_plateau_loads_unchanged_under_a_higher_cap(tmp_path, monkeypatch):
+    import flowlib.train as train_module
+
+    scripted = iter([3.0, 3.5, 3.6])  # best at the first evaluation, then two worse: stop at step 30
+    monkeypatch.setattr(train_module, "evaluate", lambda *a, **k: {"nll": next(scripted), "bpd": 0.0})
+    config = BASE.replace(steps=50, patience=2)
+    _, history = train_or_load(config, data_fn=_data_fn([]), checkpoint_root=tmp_path, progress=False)
+    assert history[-1]["step"] == 30 and history[-1]["stopped"] == "patience"
+
+    def no_data(name, split):
+        raise AssertionError("a plateaued run must load, not train again")
+
+    _, again = train_or_load(config.replace(steps=500), data_fn=no_data, checkpoint_root=tmp_path,
+                             progress=False)
+    assert [h["loss"] for h in again] == [h["loss"] for h in history]
+
+
+def test_rehash_checkpoints_renames_a_directory_named_by_an_older_hash(tmp_path):
+    config = BASE.replace(steps=20, patience=5)
+    train_or_load(config, data_fn=_data_fn([]), checkpoint_root=tmp_path, progress=False)
+    (current,) = tmp_path.iterdir()
+    old = current.rename(tmp_path / "toy-0123456789")  # as an earlier flowlib named it
+    (tmp_path / "stray").mkdir()  # not a run: left alone
+    assert rehash_checkpoints(tmp_path) == [("toy-0123456789", current.name)]
+    assert not old.exists() and is_trained(config, tmp_path) and (tmp_path / "stray").is_dir()
+    assert rehash_checkpoints(tmp_path) == []
 
 
 def test_training_subset_is_one_fixed_nested_permutation():
