@@ -261,13 +261,15 @@ def _steps_is_a_cap(d: dict) -> bool:
     return d.get("patience") is not None and d.get("lambda_schedule", "constant") == "constant"
 
 
-def _identity_dict(d: dict) -> dict:
+def _identity_dict(d: dict, nested: bool = False) -> dict:
     out = {k: v for k, v in d.items()
            if k not in _NON_IDENTITY_KEYS and not (k in _ADDED_FIELDS and v == _ADDED_FIELDS[k])}
-    if _steps_is_a_cap(d):
+    # a teacher's cap stays in its students' identity: a teacher stopped at its cap has other weights when
+    # the cap is raised, and the students distilled from the old ones must not be taken for new ones
+    if _steps_is_a_cap(d) and not nested:
         out.pop("steps", None)
     if isinstance(out.get("teacher"), dict):
-        out["teacher"] = _identity_dict(out["teacher"])
+        out["teacher"] = _identity_dict(out["teacher"], nested=True)
     return out
 
 
@@ -283,8 +285,8 @@ def config_hash(config: TrainConfig | dict, length: int = 10) -> str:
 
 def config_diff(a: TrainConfig | dict, b: TrainConfig | dict, prefix: str = "") -> list[str]:
     """Keys (dotted for the teacher config) whose values differ between two configs, ``device`` ignored."""
-    da = _identity_dict(a.to_dict() if isinstance(a, TrainConfig) else a)
-    db = _identity_dict(b.to_dict() if isinstance(b, TrainConfig) else b)
+    da = _identity_dict(a.to_dict() if isinstance(a, TrainConfig) else a, nested=bool(prefix))
+    db = _identity_dict(b.to_dict() if isinstance(b, TrainConfig) else b, nested=bool(prefix))
     out = []
     for key in sorted(set(da) | set(db)):
         va, vb = da.get(key), db.get(key)

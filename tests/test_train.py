@@ -477,8 +477,11 @@ def test_with_early_stopping_the_step_count_is_a_cap_outside_the_hash():
     assert config_hash(BASE.replace(steps=999)) != config_hash(BASE)
     decaying = early.replace(lambda_schedule="decay")
     assert config_hash(decaying.replace(steps=999)) != config_hash(decaying)
+    # but a teacher's cap stays in its students' identity: raising it may change the teacher's weights
     student = BASE.replace(name="s", method="ilkd", teacher=early, patience=3)
-    assert config_hash(student.replace(teacher=early.replace(steps=5))) == config_hash(student)
+    assert config_hash(student.replace(steps=999)) == config_hash(student)
+    assert config_hash(student.replace(teacher=early.replace(steps=5))) != config_hash(student)
+    assert config_diff(student, student.replace(teacher=early.replace(steps=5))) == ["teacher.steps"]
 
 
 def test_raising_the_cap_extends_a_capped_run_exactly_and_leaves_a_plateaued_one(tmp_path):
