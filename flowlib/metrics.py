@@ -277,3 +277,29 @@ def paired_interval(baseline: Sequence[float], treated: Sequence[float], level: 
     se = sd / math.sqrt(n)
     half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * se
     return {"n": n, "mean": mean, "se": se, "low": mean - half, "high": mean + half, "level": level}
+
+
+def paired_p_value(ci: dict) -> float | None:
+    """Two-sided p-value of the paired t-test behind a :func:`paired_interval` (the probability, with no
+    true difference, of a mean paired difference at least this far from zero); None for n < 2."""
+    from scipy import stats
+
+    if ci["se"] is None:
+        return None
+    if ci["se"] == 0:
+        return 1.0 if ci["mean"] == 0 else 0.0
+    return float(2 * stats.t.sf(abs(ci["mean"]) / ci["se"], ci["n"] - 1))
+
+
+def holm_adjusted(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of ``p_values`` (in their order): the family-wise error rate of calling
+    every adjusted p below alpha significant is at most alpha, whatever the dependence between the tests.
+    The i-th smallest p (1-based) is multiplied by m - i + 1, capped at 1, and made non-decreasing."""
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    adjusted, running = [0.0] * m, 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+

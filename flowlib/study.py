@@ -294,8 +294,11 @@ def _teacher_ll(rows: Sequence[dict], arch: str) -> float:
 def cell_table(rows: Sequence[dict], level: float = 0.95) -> list[dict]:
     """One record per (arch, capacity, fraction, distilled method): the plain student's mean test LL, the
     teacher's, the paired difference distilled − plain over the seeds both have (mean, 95% t-interval), the
-    gap closure with its interval, and ``helps`` (the interval is above zero) / ``hurts`` (below)."""
-    from .metrics import paired_interval
+    gap closure with its interval, and ``helps`` (the interval is above zero) / ``hurts`` (below). Each cell's
+    interval is a 95% one on its own; ``p_value`` is its paired t-test and ``p_holm`` that p adjusted by
+    Holm's method over every cell of the table, so ``helps_holm`` (``p_holm < 1 - level``, difference above
+    zero) keeps the chance of any false "helps" in the whole table below 5%."""
+    from .metrics import holm_adjusted, paired_interval, paired_p_value
 
     out = []
     cells = sorted({(r["arch"], r["capacity"], r["fraction"]) for r in rows if r["method"] != "teacher"},
@@ -327,7 +330,14 @@ def cell_table(rows: Sequence[dict], level: float = 0.95) -> list[dict]:
                 "closure_high": scale(ci["high"]),
                 "helps": ci["low"] is not None and ci["low"] > 0,
                 "hurts": ci["high"] is not None and ci["high"] < 0,
+                "p_value": paired_p_value(ci),
             })
+    tested = [c for c in out if c["p_value"] is not None]
+    for c, p in zip(tested, holm_adjusted([c["p_value"] for c in tested])):
+        c["p_holm"] = p
+    for c in out:
+        c.setdefault("p_holm", None)
+        c["helps_holm"] = c["p_holm"] is not None and c["p_holm"] < 1 - level and c["diff"] > 0
     return out
 
 
@@ -354,6 +364,13 @@ def regime_summary(cells: Sequence[dict]) -> list[str]:
                     + (f" ({where})" if helps else "") + f", hurts in {len(hurts)}, "
                     f"no effect beyond the noise in {len(sel) - len(helps) - len(hurts)}.")
             lines.append(text)
+    tested = [c for c in cells if c.get("p_holm") is not None]
+    if tested:
+        kept = [f"{c['arch'].upper()} {c['method'].upper()}, {c['capacity']} student on "
+                f"{round(100 * c['fraction'])}% of the rows" for c in tested if c["helps_holm"]]
+        where = f" ({'; '.join(kept)})" if kept else ""
+        lines.append(f"All methods and cells together ({len(tested)} paired comparisons, Holm's correction "
+                     f"for the family-wise error at 5%): helps in {len(kept)}{where}.")
     return lines
 
 

@@ -45,6 +45,42 @@ def test_cell_table_pairs_by_seed_and_gives_no_closure_without_a_gap():
     assert cell["gap"] < 0 and cell["closure"] is None and cell["closure_low"] is None
 
 
+def test_cell_table_gives_each_cell_its_paired_t_test_and_holms_correction_over_the_table():
+    rows = [_row("maf", "teacher", "teacher", 1.0, 0, -4.0)]
+    rows += [_row("maf", "nll", "paper", 1.0, s, v) for s, v in enumerate([-5.0, -5.2, -4.9])]
+    rows += [_row("maf", "ilkd", "paper", 1.0, s, v) for s, v in enumerate([-4.8, -4.95, -4.6])]
+    rows += [_row("maf", "lkd", "paper", 1.0, s, v) for s, v in enumerate([-5.1, -5.0, -4.95])]
+    rows += [_row("maf", "nll", "tiny", 1.0, s, v) for s, v in enumerate([-7.0, -7.5])]
+    rows += [_row("maf", "ilkd", "tiny", 1.0, s, v) for s, v in enumerate([-6.9, -7.3])]
+    cells = {(c["capacity"], c["method"]): c for c in cell_table(rows)}
+    expected = {
+        ("paper", "ilkd"): stats.ttest_rel([-4.8, -4.95, -4.6], [-5.0, -5.2, -4.9]).pvalue,
+        ("paper", "lkd"): stats.ttest_rel([-5.1, -5.0, -4.95], [-5.0, -5.2, -4.9]).pvalue,
+        ("tiny", "ilkd"): stats.ttest_rel([-6.9, -7.3], [-7.0, -7.5]).pvalue,
+    }
+    for key, p in expected.items():
+        assert cells[key]["p_value"] == pytest.approx(p, rel=1e-9), key
+    # Holm by hand: the smallest p times 3, the next times 2 (at least the previous), the largest times 1
+    ranked = sorted(expected, key=expected.get)
+    holm, running = {}, 0.0
+    for factor, key in zip((3, 2, 1), ranked):
+        running = max(running, min(1.0, factor * expected[key]))
+        holm[key] = running
+    for key in expected:
+        assert cells[key]["p_holm"] == pytest.approx(holm[key], rel=1e-9), key
+        assert cells[key]["helps_holm"] == (holm[key] < 0.05 and cells[key]["diff"] > 0)
+    assert cells[("paper", "ilkd")]["helps"] is True  # on its own interval, which Holm may not keep
+    summary = study.regime_summary(list(cells.values()))
+    assert summary[-1].startswith("All methods and cells together (3 paired comparisons")
+
+
+def test_holm_adjustment_matches_a_hand_example():
+    from flowlib.metrics import holm_adjusted
+    # sorted 0.01, 0.03, 0.04 -> 0.03, 0.06, max(0.06, 0.04): given back in the input's order
+    assert holm_adjusted([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm_adjusted([0.5, 0.9]) == pytest.approx([1.0, 1.0]) and holm_adjusted([]) == []
+
+
 def test_paper_table_means_and_intervals():
     rows = [_row("maf", "teacher", "teacher", 1.0, 0, -4.0)]
     rows += [_row("maf", "nll", "paper", 1.0, s, v) for s, v in enumerate([-5.0, -5.2])]
