@@ -94,6 +94,14 @@ def test_table1_is_the_studys_paper_cell_with_five_paired_seeds_per_student_row(
             assert s["gap_closure"] == pytest.approx((s["mean"] - p) / (t - p), rel=1e-9)
 
 
+def test_every_teacher_stopped_on_its_validation_plateau():
+    r = _load("04_teacher_training")["results"]
+    teachers = {**r["tabular"], **r["image"]}
+    assert set(teachers) == {"magic/glow", "magic/maf", "fashion-mnist-16/glow"}
+    for name, t in teachers.items():
+        assert t["stopped_by"] == "patience" and t["best_step"] < t["last_step"] <= t["step_cap"], name
+
+
 def test_table2_times_every_model_and_students_are_smaller():
     r = _load("08_evaluation")["results"]
     rows = {(t["arch"], t["dataset"], t["model"]): t for t in r["table2"]}
