@@ -173,7 +173,7 @@ def test_the_study_trained_every_model_to_its_plateau_and_says_whether_each_teac
     r = _load("10_distillation_ablations")["results"]
     assert r["rows"]
     # all 139 runs of the committed study stopped on their plateau: the two GLOW ILKD students that had
-    # reached the first cap (30,000 steps) were extended under the raised one and plateaued at 33,000 and 39,500
+    # reached the first cap (30,000 steps) were extended under the raised one (plateaus at 33,000, 39,500)
     for row in r["rows"]:
         assert row["stopped_by"] == "patience", row
         assert row["best_step"] < row["last_step"] and row["plateaued"], row
