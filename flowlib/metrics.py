@@ -303,3 +303,16 @@ def holm_adjusted(p_values: Sequence[float]) -> list[float]:
         adjusted[i] = running
     return adjusted
 
+
+def interval_verdict(ci: dict) -> str:
+    """What a :func:`paired_interval` of distilled − plain (higher is better) says, in words: "helps" only
+    when the whole interval is above zero, "hurts" when below, and no claim from one seed."""
+    if ci["low"] is None:
+        return "one seed: no claim"
+    level = round(100 * ci["level"])
+    if ci["low"] > 0:
+        return f"helps ({level}% interval above 0)"
+    if ci["high"] < 0:
+        return f"hurts ({level}% interval below 0)"
+    return "no effect beyond the noise"
+

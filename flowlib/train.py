@@ -782,7 +782,7 @@ def train_or_load(config: TrainConfig, data_fn: Callable[[str, str], Any] | None
     """
     if which not in ("best", "last"):
         raise ValueError(f"which must be 'best' or 'last', got {which!r}")
-    directory = Path(checkpoint_root) / f"{config.name}-{config_hash(config)}"
+    directory = _run_directory(config, checkpoint_root)
     found = _load_finished(config, directory, which)
     if found is not None:
         return found
@@ -796,8 +796,13 @@ def train_or_load(config: TrainConfig, data_fn: Callable[[str, str], Any] | None
 def is_trained(config: TrainConfig, checkpoint_root: str | os.PathLike = "checkpoints") -> bool:
     """Whether ``config``'s run has finished under ``checkpoint_root`` (so :func:`train_or_load` loads it
     instead of training). A results notebook uses it to draw what exists without training anything."""
-    last = Path(checkpoint_root) / f"{config.name}-{config_hash(config)}" / "last.pt"
+    last = _run_directory(config, checkpoint_root) / "last.pt"
     return last.exists() and _finished_for(load_checkpoint(last), config)
+
+
+def _run_directory(config: TrainConfig, checkpoint_root: str | os.PathLike) -> Path:
+    """``<checkpoint_root>/<name>-<hash>``: where ``config``'s run lives."""
+    return Path(checkpoint_root) / f"{config.name}-{config_hash(config)}"
 
 
 def rehash_checkpoints(checkpoint_root: str | os.PathLike = "checkpoints", pattern: str = "*") -> list[tuple]:
@@ -811,7 +816,7 @@ def rehash_checkpoints(checkpoint_root: str | os.PathLike = "checkpoints", patte
         if not last.is_file():
             continue
         config = TrainConfig.from_dict(load_checkpoint(last)["config"])
-        target = directory.with_name(f"{config.name}-{config_hash(config)}")
+        target = _run_directory(config, directory.parent)
         if target != directory and not target.exists():
             directory.rename(target)
             renamed.append((directory.name, target.name))
