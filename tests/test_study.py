@@ -157,7 +157,11 @@ def test_a_fast_study_trains_every_job_and_tables_it(tmp_path):
 
 def test_interval_verdict_claims_only_what_the_interval_carries():
     from flowlib.metrics import interval_verdict, paired_interval
-    assert interval_verdict(paired_interval([0.0, 0.0, 0.0], [0.2, 0.25, 0.3])) == "helps (95% interval above 0)"
-    assert interval_verdict(paired_interval([0.2, 0.25, 0.3], [0.0, 0.0, 0.0])) == "hurts (95% interval below 0)"
-    assert interval_verdict(paired_interval([0.0, 0.0, 0.0], [0.1, -0.1, 0.05])) == "no effect beyond the noise"
-    assert interval_verdict(paired_interval([0.0], [1.0])) == "one seed: no claim"
+
+    def verdict(plain, distilled):
+        return interval_verdict(paired_interval(plain, distilled))
+
+    assert verdict([0.0, 0.0, 0.0], [0.2, 0.25, 0.3]) == "helps (95% interval above 0)"
+    assert verdict([0.2, 0.25, 0.3], [0.0, 0.0, 0.0]) == "hurts (95% interval below 0)"
+    assert verdict([0.0, 0.0, 0.0], [0.1, -0.1, 0.05]) == "no effect beyond the noise"
+    assert verdict([0.0], [1.0]) == "one seed: no claim"
