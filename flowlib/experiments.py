@@ -16,6 +16,9 @@ and caches it under the checkpoint folder, so any notebook can ask for any model
 
 from __future__ import annotations
 
+import argparse
+import sys
+import time
 from dataclasses import dataclass
 
 from .data import info
@@ -24,7 +27,8 @@ from .train import TrainConfig
 
 __all__ = [
     "METHODS", "METHOD_LABELS", "SIZES", "Budget", "Variant", "budget", "evaluate_runs", "evaluate_variants",
-    "student_config", "summarise", "teacher_config", "to_records", "variant_config",
+    "main", "student_config", "summarise", "teacher_config", "to_records", "train_image_models",
+    "variant_config",
 ]
 
 METHODS = ("nll", "lkd", "ilkd", "skd")
@@ -272,3 +276,82 @@ def to_records(table) -> list[dict]:
 
     return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
             for row in table.to_dict(orient="records")]
+
+
+# --------------------------------------------------------------------------------------------------
+# Training the image models ahead of the notebooks, two at a time
+# --------------------------------------------------------------------------------------------------
+
+def _train_one(config: TrainConfig, checkpoint_root: str) -> dict:
+    """Train (or load) one configuration on one torch thread; where it stopped and how long it took."""
+    import torch
+
+    from .train import convergence, train_or_load
+
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    _, history = train_or_load(config, checkpoint_root=checkpoint_root, progress=False)
+    return {"name": config.name, "method": config.method, "seed": config.seed,
+            "train_seconds": float(history[-1].get("time", 0.0)), "wall_seconds": time.perf_counter() - start,
+            **convergence(history)}
+
+
+def train_image_models(dataset: str = "fashion-mnist-16", methods=("nll", "ilkd"), seeds=(0, 1, 2, 3, 4), *,
+                       arch: str = "glow", fast: bool = False, workers: int = 2,
+                       checkpoint_root="checkpoints", device: str = "cpu") -> list[dict]:
+    """Train (or load) an image teacher and its students, ``workers`` processes at a time (one torch thread
+    each), so that notebooks 04-08 find them trained.
+
+    The plain students do not need the teacher, so they train beside it; the distilled students start once
+    the teacher is done. These are the configurations the notebooks ask for (:func:`teacher_config`,
+    :func:`student_config`), cached in ``checkpoint_root``: an interrupted call resumes from the finished
+    and the last saved models. Returns one record per model (teacher first): where it stopped
+    (:func:`flowlib.train.convergence`) and its training time."""
+    if _kind(dataset) != "image":
+        raise ValueError(f"{dataset} is not an image set; tabular models train with python -m flowlib.study")
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    root = str(checkpoint_root)
+    teacher = teacher_config(arch, dataset, fast=fast, device=device)
+    students = [student_config(arch, dataset, m, fast=fast, seed=s, device=device) for m in methods
+                for s in seeds]
+    alone = [c for c in students if c.teacher is None]  # plain students: no teacher needed
+    distilled = [c for c in students if c.teacher is not None]
+    if workers == 1:
+        return [_train_one(c, root) for c in (teacher, *alone, *distilled)]
+    import concurrent.futures as cf
+    import multiprocessing
+
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        first = pool.submit(_train_one, teacher, root)
+        plain = [pool.submit(_train_one, c, root) for c in alone]
+        teacher_record = first.result()
+        later = [pool.submit(_train_one, c, root) for c in distilled]
+        return [teacher_record, *(f.result() for f in plain), *(f.result() for f in later)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m flowlib.experiments",
+        description="Train the image teacher and students of notebooks 04-08 ahead of them, two at a time.")
+    parser.add_argument("--dataset", default="fashion-mnist-16")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--methods", nargs="+", default=["nll", "ilkd"], choices=METHODS)
+    parser.add_argument("--workers", type=int, default=2, help="models trained at once (default 2)")
+    parser.add_argument("--checkpoint-dir", default="checkpoints")
+    parser.add_argument("--fast", action="store_true", help="the tiny fast-mode models (seconds)")
+    args = parser.parse_args(argv)
+    from .results import project_path
+
+    start = time.perf_counter()
+    records = train_image_models(args.dataset, args.methods, args.seeds, fast=args.fast, workers=args.workers,
+                                 checkpoint_root=project_path(args.checkpoint_dir))
+    for r in records:
+        print(f"{r['name']} seed {r['seed']}: best step {r['best_step']}, last {r['last_step']} "
+              f"({r['stopped_by']}), {r['train_seconds']:.0f} s of training")
+    print(f"done in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

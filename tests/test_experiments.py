@@ -42,3 +42,18 @@ def test_summarise_gap_closure_is_computed_from_the_means():
     assert table.loc["nll", "mean"] == -2.0 and table.loc["ilkd", "mean"] == -1.0
     assert table.loc["ilkd", "gap_closure"] == pytest.approx((-1.0 - -2.0) / (1.0 - -2.0))
     assert table.loc["ilkd", "std"] == pytest.approx(2 ** 0.5) and table.loc["ilkd", "count"] == 2
+
+
+def test_train_image_models_trains_the_teacher_beside_plain_students_then_loads_them(tmp_path):
+    from flowlib.experiments import train_image_models
+
+    records = train_image_models(seeds=(0,), fast=True, workers=2, checkpoint_root=tmp_path)
+    assert [(r["method"], r["seed"]) for r in records] == [("nll", 0), ("nll", 0), ("ilkd", 0)]
+    assert "teacher" in records[0]["name"] and "student-nll" in records[1]["name"]
+    assert all(r["last_step"] == 12 and r["train_seconds"] > 0 for r in records)
+    # a second call (one process) loads the same checkpoints: the recorded training is the first call's
+    again = train_image_models(seeds=(0,), fast=True, workers=1, checkpoint_root=tmp_path)
+    assert [(r["name"], r["train_seconds"], r["best_val_nll"]) for r in again] == [
+        (r["name"], r["train_seconds"], r["best_val_nll"]) for r in records]
+    with pytest.raises(ValueError, match="not an image set"):
+        train_image_models("magic", fast=True, checkpoint_root=tmp_path)
