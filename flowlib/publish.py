@@ -8,8 +8,11 @@ results), so that a reader sees every table and figure on the repository's web p
 anything. Each published notebook carries its provenance in its metadata (``metadata.flowlib``: commit,
 command, start time, executed folder), equal to its entry in ``run.json``.
 
-The runner publishes the notebooks it ran at the end of every run; ``python -m flowlib.publish`` (re)does
-it for every notebook of ``run.json``. A notebook whose executed copy holds an error output is refused.
+The runner publishes each notebook of a full-scale run as soon as it finishes (so a run cut short still
+publishes what it finished); ``python -m flowlib.publish`` (re)does it for every notebook of ``run.json``. A
+notebook whose executed copy holds an error output is refused. A ``run.json`` entry may say
+``"executed_copy_lost"`` (why): its results were written but its executed copy never published, so the
+published copy stays that of the earlier invocation it names in ``published_from``.
 """
 
 from __future__ import annotations
@@ -81,6 +84,13 @@ def publish_notebooks(results_dir: Path | str | None = None, names: list[str] | 
             raise ValueError(f"{name} did not finish in its last run (status {entry.get('status')!r}); "
                              f"re-run it")
         source = repo_root() / entry["executed_notebooks"] / f"{name}.ipynb"
+        if entry.get("executed_copy_lost") and not source.exists():
+            if names:  # asked for by name: say why there is nothing to publish
+                raise FileNotFoundError(
+                    f"the executed copy of {name} was lost ({entry['executed_copy_lost']}); re-run it to "
+                    f"publish it: python -m flowlib.run <the same options> --only {name[:2]} (run.json: "
+                    f"{entry.get('command')})")
+            continue  # its published copy stays the one of the invocation in ``published_from``
         if not source.exists():
             raise FileNotFoundError(
                 f"the executed copy of {name} ({source}) is gone; re-run it to publish it: python -m "

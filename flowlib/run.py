@@ -542,6 +542,18 @@ def _main(args: argparse.Namespace, given: list[str], signals: _Signals) -> int:
             manifest.write()  # on record before the first notebook, which may read it (notebook 11 does)
         except OSError as err:
             raise RunnerError(f"cannot write {manifest.path}: {err.strerror or err}") from None
+    published: set[str] = set()
+
+    def on_progress(summary: list[dict]) -> None:
+        # each notebook is published as soon as it finishes, so a run cut short (a machine shut down, not
+        # only a signal) still publishes every notebook whose results it wrote
+        manifest.progress(summary)
+        if not args.fast:
+            done = sorted(e["notebook"] for e in summary
+                          if e["status"] == "ok" and e["notebook"] not in published)
+            published.update(done)
+            _publish(results_dir, done)
+
     start = time.perf_counter()
     signum = None
     try:
@@ -549,7 +561,7 @@ def _main(args: argparse.Namespace, given: list[str], signals: _Signals) -> int:
             raise Interrupted(signals.received(), [], output_dir)
         print(f"running {len(notebooks)} notebook(s) into {_display(output_dir)}", flush=True)
         run(notebooks, params, output_dir, kernel=args.kernel,
-            on_progress=manifest.progress if manifest else None, jobs=args.jobs, stop=signals.received)
+            on_progress=on_progress if manifest else None, jobs=args.jobs, stop=signals.received)
     except Interrupted as err:
         signum = err.signum
         raise
@@ -557,8 +569,6 @@ def _main(args: argparse.Namespace, given: list[str], signals: _Signals) -> int:
         if manifest:
             manifest.finish(time.perf_counter() - start, signum)
     print(f"done in {time.perf_counter() - start:.1f} s; executed notebooks in {_display(output_dir)}")
-    if manifest and not args.fast:
-        _publish(results_dir, sorted(name for name, e in manifest.ran.items() if e["status"] == "ok"))
     return 0
 
 

@@ -83,6 +83,26 @@ def table2_markdown(table2: list[dict]) -> str:
     return _table(["arch", "model", "params (K)", "encode ms", "decode ms"], rows)
 
 
+def _bpd_cells(runs: list[dict]) -> list[str]:
+    """bits/dim (mean ± std over seeds, or ± 1.96 test SE for one run), per seed, where each run stopped."""
+    values = [r["test_bpd"] for r in runs]
+    if len(values) == 1:
+        stderr = runs[0].get("test_bpd_stderr")
+        cell = f"{values[0]:.3f} ± {_fmt(None if stderr is None else 1.96 * stderr, '.3f')} (n=1)"
+    else:
+        cell = f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f} (n={len(values)})"
+    stops = "; ".join(f"{r['best_step']:,} / {r['last_step']:,} "
+                      f"({'plateau' if r['stopped_by'] == 'patience' else 'cap'})" for r in runs)
+    return [cell, ", ".join(f"{v:.3f}" for v in values), stops]
+
+
+def _runs(rows: list[dict], key: str) -> list[dict]:
+    return sorted((r for r in rows if r["model"] == key), key=lambda r: r["seed"])
+
+
+_BPD_HEAD = ["bits/dim (± std over seeds; teacher ± 1.96 test SE)", "per seed", "stopped (best / last step)"]
+
+
 def image_markdown(evaluation: dict) -> str:
     """Notebook 08's image rows (Tables 4 and 6 analogue): bits/dim per seed, where each model stopped, FIDs.
 
@@ -91,19 +111,15 @@ def image_markdown(evaluation: dict) -> str:
     t6 = {r["model"]: r for r in evaluation["table6"]}
     rows = []
     for r4 in evaluation["table4"]:
-        key = by_label[r4["model"]]
-        runs = sorted((r for r in evaluation["image_rows"] if r["model"] == key), key=lambda r: r["seed"])
-        values = [r["test_bpd"] for r in runs]
-        if len(values) == 1:
-            stderr = runs[0].get("test_bpd_stderr")
-            cell = f"{values[0]:.3f} ± {_fmt(None if stderr is None else 1.96 * stderr, '.3f')} (n=1)"
-        else:
-            cell = f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f} (n={len(values)})"
-        stops = "; ".join(f"{r['best_step']:,} / {r['last_step']:,} "
-                          f"({'plateau' if r['stopped_by'] == 'patience' else 'cap'})" for r in runs)
         t = t6[r4["model"]]
-        rows.append([r4["model"], cell, ", ".join(f"{v:.3f}" for v in values), stops, f"{r4['fid']:.1f}",
-                     f"{t['fid_T1.0']:.1f}", f"{t['fid_T0.7']:.1f}"])
-    return _table(["model", "bits/dim (± std over seeds; teacher ± 1.96 test SE)", "per seed",
-                   "stopped (best / last step)", f"FID (n={evaluation['table4'][0].get('fid_n_fake', '?')})",
+        rows.append([r4["model"], *_bpd_cells(_runs(evaluation["image_rows"], by_label[r4["model"]])),
+                     f"{r4['fid']:.1f}", f"{t['fid_T1.0']:.1f}", f"{t['fid_T0.7']:.1f}"])
+    return _table(["model", *_BPD_HEAD, f"FID (n={evaluation['table4'][0].get('fid_n_fake', '?')})",
                    "interp. FID T=1.0", "interp. FID T=0.7"], rows)
+
+
+def image_students_markdown(image_rows: list[dict]) -> str:
+    """Notebook 06's image models (the teacher, then the plain and ILKD students, seed by seed): bits/dim and
+    where each one stopped; ``image_rows``: notebook 06's ``image_rows``."""
+    return _table(["model", *_BPD_HEAD], [[MODEL_LABELS[key], *_bpd_cells(_runs(image_rows, key))]
+                                          for key in ("teacher", "nll", "ilkd") if _runs(image_rows, key)])

@@ -12,7 +12,13 @@ import pytest
 
 from flowlib.publish import PROVENANCE_KEYS, error_outputs, provenance, publish_notebooks
 from flowlib.results import project_path
-from flowlib.tables import image_markdown, regime_markdown, study_table1_markdown, verdicts_markdown
+from flowlib.tables import (
+    image_markdown,
+    image_students_markdown,
+    regime_markdown,
+    study_table1_markdown,
+    verdicts_markdown,
+)
 
 RESULTS = project_path("results")
 PUBLISHED = RESULTS / "notebooks"
@@ -70,6 +76,22 @@ def test_publish_refuses_errors_missing_copies_and_unfinished_runs(tmp_path):
         publish_notebooks(results)
 
 
+def test_an_entry_whose_executed_copy_was_lost_keeps_its_published_copy(tmp_path):
+    results = _run_record(tmp_path, {"05_lkd": _notebook([]), "06_ilkd": _notebook([])})
+    record = json.loads((results / "run.json").read_text())
+    entry = record["notebooks"]["06_ilkd"]
+    (Path(entry["executed_notebooks"]) / "06_ilkd.ipynb").unlink()
+    entry["executed_copy_lost"] = "the machine was shut down"
+    (results / "run.json").write_text(json.dumps(record))
+    (results / "notebooks").mkdir()
+    earlier = results / "notebooks" / "06_ilkd.ipynb"
+    earlier.write_text("earlier copy")
+    assert [p.name for p in publish_notebooks(results)] == ["05_lkd.ipynb"]
+    assert earlier.read_text() == "earlier copy"  # left as it was
+    with pytest.raises(FileNotFoundError, match="was lost .*--only 06"):
+        publish_notebooks(results, ["06_ilkd"])
+
+
 # --------------------------------------------------------------------------------------------------
 # the committed published notebooks
 # --------------------------------------------------------------------------------------------------
@@ -88,11 +110,16 @@ def _output_text(nb: dict) -> str:
 
 
 def test_every_notebook_of_the_run_is_published_with_its_provenance():
-    record = json.loads((RESULTS / "run.json").read_text())["notebooks"]
+    run = json.loads((RESULTS / "run.json").read_text())
+    record = run["notebooks"]
     published = _published()
     assert sorted(published) == sorted(record)
     for name, nb in published.items():
-        assert provenance(nb) == {k: record[name][k] for k in PROVENANCE_KEYS}, name
+        entry = record[name]
+        if entry.get("executed_copy_lost"):  # published by the earlier invocation it names, which ran it
+            (entry,) = [inv for inv in run["invocations"]
+                        if inv["started"] == entry["published_from"] and name in inv["notebooks"]]
+        assert provenance(nb) == {k: entry[k] for k in PROVENANCE_KEYS}, name
         assert not error_outputs(nb), name
         assert any(c.get("outputs") for c in nb["cells"]), f"{name} has no outputs"
     size = sum(p.stat().st_size for p in PUBLISHED.iterdir())
@@ -133,9 +160,11 @@ def test_readme_tables_are_the_notebooks_markdown():
     load = lambda name: json.loads((RESULTS / f"{name}.json").read_text())["results"]  # noqa: E731
     from flowlib.study import paper_table
 
-    r08, r10, r11 = load("08_evaluation"), load("10_distillation_ablations"), load("11_results")
+    r06, r08, r10, r11 = (load(name) for name in ("06_ilkd", "08_evaluation", "10_distillation_ablations",
+                                                   "11_results"))
     readme = _readme_results()
     for table in (study_table1_markdown(paper_table(r10["rows"])), regime_markdown(r10["cells"]),
-                  verdicts_markdown(r11["verdicts"]), image_markdown(r08)):
+                  verdicts_markdown(r11["verdicts"]), image_markdown(r08),
+                  image_students_markdown(r06["image_rows"])):
         for line in table.splitlines():
             assert line in readme, line

@@ -329,3 +329,23 @@ def test_run_json_records_paths_inside_the_repository_relative_to_it(tmp_path):
     assert manifest.invocation["executed_notebooks"] == os.path.join("runs", "20260101-000000")
     outside = run._Manifest(tmp_path / "results", tmp_path / "elsewhere", [])
     assert outside.invocation["executed_notebooks"] == str(tmp_path / "elsewhere")
+
+
+def test_each_notebook_is_published_as_soon_as_it_finishes(tmp_path):
+    # a run that stops early (here: the second notebook fails) has still published the first one, with the
+    # provenance of its run.json entry; a machine shut down mid-run loses nothing that had finished
+    nbdir, results = tmp_path / "nbs", tmp_path / "results"
+    nbdir.mkdir()
+    _notebook(nbdir / "01_a.ipynb", 'results_dir = "results"', "print(6 * 7)")
+    _notebook(nbdir / "02_bad.ipynb", 'results_dir = "results"', "raise ValueError('broken on purpose')")
+    args = ["--notebook-dir", str(nbdir), "-p", "results_dir", str(results),
+            "--output-dir", str(tmp_path / "r")]
+    assert run.main(args) == 1
+    published = json.loads((results / "notebooks" / "01_a.ipynb").read_text())
+    entry = json.loads((results / "run.json").read_text())["notebooks"]["01_a"]
+    assert published["metadata"]["flowlib"]["provenance"]["started"] == entry["started"]
+    printed = ["".join(o.get("text", "")) for c in published["cells"] for o in c.get("outputs", [])]
+    assert "42" in "".join(printed)
+    assert not (results / "notebooks" / "02_bad.ipynb").exists()
+    assert run.main(args + ["--fast"]) == 1  # fast mode publishes nothing: its results are not findings
+    assert sorted(p.name for p in (results / "notebooks").iterdir()) == ["01_a.ipynb"]

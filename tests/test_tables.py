@@ -1,6 +1,12 @@
 """flowlib.tables renders the results tables the README quotes: checked against hand-written rows."""
 
-from flowlib.tables import image_markdown, regime_markdown, study_table1_markdown, verdicts_markdown
+from flowlib.tables import (
+    image_markdown,
+    image_students_markdown,
+    regime_markdown,
+    study_table1_markdown,
+    verdicts_markdown,
+)
 
 
 def test_study_table1_row_and_a_single_seed_without_interval():
@@ -49,3 +55,18 @@ def test_verdicts_and_image_rows():
     # mean ± sample standard deviation of 4.15 and 4.25; seeds in order
     assert lines[3] == ("| Student | 4.200 ± 0.071 (n=2) | 4.150, 4.250 | 19,000 / 21,000 (plateau); "
                         "14,500 / 15,000 (cap) | 140.8 | 32.1 | 47.2 |")
+
+
+def test_image_students_markdown_lists_teacher_then_students_seed_by_seed():
+    rows = [{"model": "ilkd", "seed": 0, "test_bpd": 4.1, "best_step": 18000, "last_step": 20000,
+             "stopped_by": "patience"},
+            {"model": "nll", "seed": 0, "test_bpd": 4.2, "best_step": 19000, "last_step": 21000,
+             "stopped_by": "patience"},
+            {"model": "teacher", "seed": 0, "test_bpd": 3.5551, "test_bpd_stderr": 0.0075, "best_step": 16000,
+             "last_step": 18000, "stopped_by": "patience"}]
+    lines = image_students_markdown(rows).splitlines()
+    assert lines[0] == ("| model | bits/dim (± std over seeds; teacher ± 1.96 test SE) | per seed | "
+                        "stopped (best / last step) |")
+    assert lines[2:] == ["| Teacher | 3.555 ± 0.015 (n=1) | 3.555 | 16,000 / 18,000 (plateau) |",
+                         "| Student | 4.200 ± – (n=1) | 4.200 | 19,000 / 21,000 (plateau) |",
+                         "| ILKD Student | 4.100 ± – (n=1) | 4.100 | 18,000 / 20,000 (plateau) |"]
