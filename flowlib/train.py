@@ -491,7 +491,8 @@ def _check_arch(model: nn.Module, config: TrainConfig) -> None:
 
 def train(model: nn.Module, train_data, val_data, config: TrainConfig, teacher: nn.Module | None = None,
           checkpoint_dir: str | os.PathLike | None = None, progress: bool = True, resume: bool = True,
-          batch_hook: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None) -> list[dict]:
+          batch_hook: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
+          distributed=None) -> list[dict]:
     """Train ``model`` on ``train_data`` with the loss of ``config.method`` (Eq. 15); return the history.
 
     Each step ``s = 1..config.steps`` draws a batch (shuffled epochs, seeded generator), dequantises
@@ -504,6 +505,12 @@ def train(model: nn.Module, train_data, val_data, config: TrainConfig, teacher: 
 
     A non-finite loss or gradient norm raises :class:`TrainingDiverged` at that step, before anything
     is written. ``batch_hook(step, x)`` (tests, debugging) may return a replacement batch or raise.
+
+    ``distributed``: a :class:`flowlib.train_ddp.DataParallel` when this process is one rank of a
+    ``torch.distributed`` group (``python -m flowlib.train_ddp``). Every rank then draws the same global
+    batch of ``config.batch_size`` rows and keeps its share, gradients are averaged across ranks by
+    ``DistributedDataParallel``, and only rank 0 writes checkpoints: the same steps as one process with
+    that batch, and the same checkpoints (either can resume the other's).
 
     History rows: ``step, loss, nll, bpd`` (training batch), ``terms`` (dict), ``val_nll, val_bpd``
     (NaN between evaluations), ``lr, grad_norm, time`` (seconds since the run started). The model is
@@ -541,7 +548,10 @@ def train(model: nn.Module, train_data, val_data, config: TrainConfig, teacher: 
     best_state: dict | None = None  # best-validation weights, kept in memory when training stops early
 
     ckdir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    if ckdir is not None:
+    writer = distributed is None or distributed.is_writer  # under torch.distributed: rank 0 alone
+    if distributed is not None:
+        distributed.check(config)
+    if ckdir is not None and writer:
         remove_stale_temporaries(ckdir)  # left by a process killed while writing a checkpoint
     if ckdir is not None and resume and (ckdir / "last.pt").exists():
         ck = load_checkpoint(ckdir / "last.pt")  # CPU: generator states must stay on the CPU
@@ -555,13 +565,18 @@ def train(model: nn.Module, train_data, val_data, config: TrainConfig, teacher: 
         start_step, elapsed0 = int(ck["step"]), float(ck["elapsed"])
         if config.patience is not None and (ckdir / "best.pt").exists():
             best_state = load_checkpoint(ckdir / "best.pt")["model"]
-        if _finished_for(ck, config):  # else unfinished, or stopped at a cap that config raises: go on
-            if best_state is not None:
-                model.load_state_dict(best_state)
-            return history
+        finished = _finished_for(ck, config)  # else unfinished, or stopped at a cap that config raises: go on
+    else:
+        finished = False
+    if distributed is not None:  # every rank must resume from the same checkpoint, or none
+        distributed.agree(start_step + (0.5 if finished else 0.0), "the step it resumes from")
+    if finished:
+        if best_state is not None:
+            model.load_state_dict(best_state)
+        return history
 
     def checkpoint(step: int, finished: bool) -> None:
-        if ckdir is None:
+        if ckdir is None or not writer:
             return
         save_checkpoint(ckdir / "last.pt", {
             "version": CHECKPOINT_VERSION, "config": config.to_dict(), "input_shape": list(x_train.shape[1:]),
@@ -572,7 +587,7 @@ def train(model: nn.Module, train_data, val_data, config: TrainConfig, teacher: 
         })
 
     bar = None
-    if progress:
+    if progress and writer:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.steps, initial=start_step, desc=f"{config.name} [{config.method}]")
@@ -593,11 +608,15 @@ def train(model: nn.Module, train_data, val_data, config: TrainConfig, teacher: 
                         raise ValueError(f"the training batch of step {step} (returned by batch_hook) "
                                          f"contains NaN or inf; nothing was updated or saved")
                 y, pre_logdet = _to_model_space(xb, preprocess, config.bins, generator, ref)
+                batch_pre_logdet = pre_logdet  # the whole batch's, for the logged NLL
+                if distributed is not None:  # this rank's share of the batch every rank drew
+                    y, pre_logdet = distributed.shard(model, y, pre_logdet)
                 lr = config.lr * min(1.0, step / config.warmup_steps) if config.warmup_steps else config.lr
                 for group in optimizer.param_groups:
                     group["lr"] = lr
+                loss_fn = distillation_loss if distributed is None else distributed.loss
                 try:
-                    out = distillation_loss(
+                    out = loss_fn(
                         teacher if distilled else None, model, y, method=method,
                         lambdas=config.lambdas_at(step),
                         pairs=config.pairs, distance=config.distance, temperature=config.temperature,
@@ -607,7 +626,10 @@ def train(model: nn.Module, train_data, val_data, config: TrainConfig, teacher: 
                 except NonFiniteBatchError as err:  # the batch was finite (checked): a layer overflowed
                     raise TrainingDiverged(step, last_loss, "value inside the model") from err
                 loss = out.total
-                if not torch.isfinite(loss):
+                finite = bool(torch.isfinite(loss))
+                if distributed is not None:  # every rank stops, or none does
+                    finite = distributed.all_true(finite)
+                if not finite:
                     raise TrainingDiverged(step, last_loss, "loss")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -617,17 +639,17 @@ def train(model: nn.Module, train_data, val_data, config: TrainConfig, teacher: 
                     raise TrainingDiverged(step, last_loss, "gradient norm")
                 optimizer.step()
 
-                values = out.items()
+                values = out.items() if distributed is None else distributed.mean(out.items())
                 last_loss = values["loss"]
                 if nll_unit == "bits/dim":  # the term is already bits/dim of the dequantised data
                     bpd_value = values["nll"]
                     nats_value = bpd_value * dim * math.log(2.0)  # back to model-space nats per sample
                     if preprocess is not None:
-                        nats_value += float(pre_logdet.mean()) - dim * math.log(config.bins)
+                        nats_value += float(batch_pre_logdet.mean()) - dim * math.log(config.bins)
                 else:
                     nats_value = nll_value = values["nll"]
                     if preprocess is not None:
-                        nll_value -= float(pre_logdet.mean()) - dim * math.log(config.bins)
+                        nll_value -= float(batch_pre_logdet.mean()) - dim * math.log(config.bins)
                     bpd_value = nll_value / (dim * math.log(2.0))
                 rec = {
                     "step": step, "loss": values["loss"], "nll": nats_value,
@@ -653,7 +675,7 @@ def train(model: nn.Module, train_data, val_data, config: TrainConfig, teacher: 
                         best_val, best_bpd = val["nll"], val["bpd"]
                         if config.patience is not None:
                             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                        if ckdir is not None:
+                        if ckdir is not None and writer:
                             save_checkpoint(ckdir / "best.pt", {
                                 "version": CHECKPOINT_VERSION, "config": config.to_dict(),
                                 "input_shape": list(x_train.shape[1:]), "step": step,
