@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import scratch
+from .precision import conditioner_dtype
 
 __all__ = [
     "ActNorm",
@@ -430,7 +431,17 @@ class AffineCoupling(nn.Module):
 
     def _shift_raw(self, x_a):
         """The conditioner's two outputs (interleaved channels: even = shift, odd = raw scale), each computed
-        as its own contiguous tensor by splitting the last layer's weight rather than slicing its output."""
+        as its own contiguous tensor by splitting the last layer's weight rather than slicing its output.
+        Inside :func:`flowlib.precision.conditioner_precision` a training pass computes them under autocast
+        and returns them in ``x_a``'s dtype."""
+        dtype = conditioner_dtype()
+        if dtype is not None and dtype != x_a.dtype:
+            with torch.autocast(x_a.device.type, dtype=dtype):
+                outs = self._conditioner(x_a)
+            return tuple(o.to(x_a.dtype) for o in outs)
+        return self._conditioner(x_a)
+
+    def _conditioner(self, x_a):
         h = x_a
         for layer in self.net[:-1]:
             if isinstance(layer, nn.Linear):

@@ -55,6 +55,7 @@ from .distill import (
     NLL_UNITS as DISTILL_NLL_UNITS,
 )
 from .models import MAF, Glow, build_model
+from .precision import PRECISIONS, conditioner_precision
 
 __all__ = [
     "CheckpointError", "TrainConfig", "TrainingDiverged", "config_diff", "config_hash", "convergence",
@@ -67,7 +68,7 @@ __all__ = [
 _NON_IDENTITY_KEYS = ("device",)
 # Fields added after checkpoints of earlier versions existed: they enter a config's identity (its hash, the
 # stored-config check) only when not at this default, so older checkpoints keep their names.
-_ADDED_FIELDS = {"lambda_schedule": "constant", "patience": None, "train_fraction": 1.0}
+_ADDED_FIELDS = {"lambda_schedule": "constant", "patience": None, "train_fraction": 1.0, "precision": "fp32"}
 LAMBDA_SCHEDULES = ("constant", "decay")
 NLL_UNITS = ("auto", *DISTILL_NLL_UNITS)  # "auto": bits/dim for images, nats for tabular data
 
@@ -141,6 +142,7 @@ class TrainConfig:
     teacher: TrainConfig | None = None
     preprocess: str = "glow"
     bins: int = 256
+    precision: str = "fp32"
 
     def __post_init__(self):
         if isinstance(self.teacher, dict):
@@ -162,6 +164,9 @@ class TrainConfig:
             raise ValueError(f"unknown nll_unit {self.nll_unit!r}; choose one of {', '.join(NLL_UNITS)}")
         if self.skd_mode not in SKD_MODES:
             raise ValueError(f"unknown skd_mode {self.skd_mode!r}; choose one of {', '.join(SKD_MODES)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)} "
+                             f"(bf16: the coupling networks of training steps, see flowlib.precision)")
         if self.preprocess not in ("glow", "logit"):
             raise ValueError(f"unknown preprocess {self.preprocess!r}; choose 'glow' or 'logit'")
         self._validate()
@@ -616,13 +621,14 @@ def train(model: nn.Module, train_data, val_data, config: TrainConfig, teacher: 
                     group["lr"] = lr
                 loss_fn = distillation_loss if distributed is None else distributed.loss
                 try:
-                    out = loss_fn(
-                        teacher if distilled else None, model, y, method=method,
-                        lambdas=config.lambdas_at(step),
-                        pairs=config.pairs, distance=config.distance, temperature=config.temperature,
-                        n_samples=config.skd_samples, generator=generator, skd_mode=config.skd_mode,
-                        nll_unit=nll_unit, pre_logdet=pre_logdet, bins=config.bins,
-                    )
+                    with conditioner_precision(config.precision):
+                        out = loss_fn(
+                            teacher if distilled else None, model, y, method=method,
+                            lambdas=config.lambdas_at(step),
+                            pairs=config.pairs, distance=config.distance, temperature=config.temperature,
+                            n_samples=config.skd_samples, generator=generator, skd_mode=config.skd_mode,
+                            nll_unit=nll_unit, pre_logdet=pre_logdet, bins=config.bins,
+                        )
                 except NonFiniteBatchError as err:  # the batch was finite (checked): a layer overflowed
                     raise TrainingDiverged(step, last_loss, "value inside the model") from err
                 loss = out.total

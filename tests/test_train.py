@@ -66,7 +66,7 @@ def _bytes(path):
 def test_config_hash_is_stable_and_ignores_device_only():
     d = BASE.to_dict()
     del d["device"]
-    for key in ("lambda_schedule", "patience", "train_fraction"):
+    for key in ("lambda_schedule", "patience", "train_fraction", "precision"):
         del d[key]  # added later: hashed only when not at their defaults (see the next test)
     canonical = json.dumps(d, sort_keys=True, separators=(",", ":"))
     assert config_hash(BASE) == hashlib.sha256(canonical.encode()).hexdigest()[:10]
