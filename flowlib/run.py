@@ -483,6 +483,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--list", action="store_true", help="list notebooks and their parameters, then exit")
     parser.add_argument("--threads", type=int, metavar="N",
                         help="torch threads in every notebook (sets FLOWLIB_THREADS; default: torch's own)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="with a paper-scale parameters file (configs/paper.yaml): build, count and plan "
+                             "every model of the paper and open its data; train nothing")
     parser.add_argument("--jobs", type=int, default=1, metavar="N",
                         help="notebooks run at once (default 1); use with --threads so that jobs x threads "
                              "does not exceed the cores")
@@ -522,6 +525,8 @@ def _main(args: argparse.Namespace, given: list[str], signals: _Signals) -> int:
             print(f"{p.stem}: " + ", ".join(f"{k}={v['default']}" for k, v in params.items()))
         return 0
     from_file = load_parameters_file(args.parameters_file) if args.parameters_file else {}
+    if from_file.get("scale") == "paper" or args.dry_run:
+        return _paper_scale(args, from_file)
     cli = {k: parse_value(v) for k, v in args.parameter}
     params = build_parameters(notebooks, cli, args.fast, known_from=discover(args.notebook_dir),
                               from_file=from_file, file_name=args.parameters_file or "",
@@ -569,6 +574,36 @@ def _main(args: argparse.Namespace, given: list[str], signals: _Signals) -> int:
         if manifest:
             manifest.finish(time.perf_counter() - start, signum)
     print(f"done in {time.perf_counter() - start:.1f} s; executed notebooks in {_display(output_dir)}")
+    return 0
+
+
+#: the keys of a paper-scale parameters file (configs/paper.yaml) and their flowlib.paper_scale arguments
+PAPER_SCALE_KEYS = {"scale": None, "tabular_datasets": "tabular", "image_datasets": "images",
+                    "archs": "archs", "budget": "budget", "synthetic": "synthetic"}
+
+
+def _paper_scale(args: argparse.Namespace, from_file: dict) -> int:
+    """``-f configs/paper.yaml --dry-run``: :func:`flowlib.paper_scale.dry_run` of the file's sets."""
+    if from_file.get("scale") != "paper":
+        raise RunnerError("--dry-run plans the paper's scale: give it a paper-scale parameters file, e.g. "
+                          "-f configs/paper.yaml (one with 'scale: paper')")
+    if not args.dry_run:
+        raise RunnerError(f"{args.parameters_file} is the paper's scale, which the notebooks do not run yet: "
+                          f"add --dry-run to build, count and plan its models (python -m flowlib.paper_scale "
+                          f"--help)")
+    from_file = {**from_file, **{k: parse_value(v) for k, v in args.parameter}}  # -p wins, as for notebooks
+    unknown = sorted(set(from_file) - set(PAPER_SCALE_KEYS))
+    if unknown:
+        raise RunnerError(f"{args.parameters_file}: unknown paper-scale key(s) {unknown}; known: "
+                          f"{', '.join(PAPER_SCALE_KEYS)}")
+    from .data_sources import DataNotAvailableError
+    from .paper_scale import dry_run
+
+    kwargs = {PAPER_SCALE_KEYS[k]: v for k, v in from_file.items() if PAPER_SCALE_KEYS[k]}
+    try:
+        dry_run(**kwargs)
+    except (DataNotAvailableError, ValueError) as err:
+        raise RunnerError(str(err)) from None
     return 0
 
 

@@ -1,0 +1,200 @@
+"""The paper's scale: its datasets, Table 2/5 models and training budgets, checked without training.
+
+``python -m flowlib.paper_scale --dry-run`` (or ``python -m flowlib.run -f configs/paper.yaml --dry-run``)
+builds every teacher and student of Tables 2 and 5 from :data:`flowlib.models.PRESETS` for every paper set
+of the configuration, prints its parameter count against the paper's, and the number of optimisation steps
+and batch size the chosen budget implies; it opens each set's data (or, with ``--synthetic``, a tiny
+stand-in of the same shape and type) and runs a batch through the student, so that a missing set gives
+its "how to get it" error before anything trains. Nothing is trained.
+
+Budgets (the paper and the official code disagree; both are offered, as named options):
+
+* ``"paper"`` (the default; Sec. 5 of the paper): 10^4 iterations with batches of 65,536 rows and learning
+  rate 5e-5 (AdamW) on tabular data; images "the same training parameters ... but with a batch size of 32".
+* ``"official"``: ``conf/training/*.yaml`` of ``vklyukin/nf_distillation`` at its last commit: Adam, learning
+  rate 5e-4, 10^4 *epochs* of 65,536-row batches on tabular data, 1,000 epochs of 128 (CIFAR-10) or 16
+  (CelebA) images. Those files are not evidence of what produced the tables (the same commit's model
+  configs give far fewer parameters than Table 2 prints), which is why the paper's text is the default.
+
+Image models are counted on PyTorch's ``meta`` device (no memory, no time), so the 44M-parameter image
+teachers cost nothing here; the image students also run a batch of two on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from .models import PAPER_PARAMS_K, TABULAR_DIMS, count_parameters, from_preset
+
+__all__ = ["BUDGETS", "IMAGE_SETS", "TABULAR_SETS", "PaperModel", "dry_run", "main", "paper_models", "plan"]
+
+TABULAR_SETS = ("power", "gas", "hepmass", "miniboone", "bsds300")
+IMAGE_SETS = {"cifar10": "cifar10", "celeba": "celeba"}  # dataset -> preset prefix
+TRAIN_SIZES = {"cifar10": 50_000, "celeba": 162_770}  # training images (torchvision's splits)
+
+
+@dataclass(frozen=True)
+class Budget:
+    iterations: int | None  # optimisation steps, or None when ``epochs`` fixes them
+    epochs: int | None
+    batch_size: int
+    lr: float
+    optimizer: str
+
+
+#: (budget name, data kind or image set) -> Budget; see the module docstring
+BUDGETS: dict[str, dict[str, Budget]] = {
+    "paper": {"tabular": Budget(10_000, None, 65_536, 5e-5, "AdamW"),
+              "cifar10": Budget(10_000, None, 32, 5e-5, "AdamW"),
+              "celeba": Budget(10_000, None, 32, 5e-5, "AdamW")},
+    "official": {"tabular": Budget(None, 10_000, 65_536, 5e-4, "Adam"),
+                 "cifar10": Budget(None, 1_000, 128, 5e-4, "Adam"),
+                 "celeba": Budget(None, 1_000, 16, 5e-4, "Adam")},
+}
+
+
+@dataclass(frozen=True)
+class PaperModel:
+    preset: str  # a flowlib.models.PRESETS name
+    dataset: str
+    arch: str
+    role: str  # "teacher" or "student"
+
+    @property
+    def shape(self) -> tuple[int, ...] | None:
+        return (TABULAR_DIMS[self.dataset],) if self.dataset in TABULAR_DIMS else None
+
+
+def paper_models(tabular=TABULAR_SETS, images=tuple(IMAGE_SETS), archs=("glow", "maf")) -> list[PaperModel]:
+    """Every teacher and student of Table 2 (tabular, GLOW and MAF) and Table 5 (images, GLOW)."""
+    unknown = sorted(set(tabular) - set(TABULAR_SETS)) + sorted(set(images) - set(IMAGE_SETS))
+    if unknown:
+        raise ValueError(f"not a paper set: {unknown}; the paper's sets are {', '.join(TABULAR_SETS)} "
+                         f"(tabular) and {', '.join(IMAGE_SETS)} (images)")
+    out = [PaperModel(f"tabular-{arch}-{role}", ds, arch, role)
+           for arch in archs for ds in tabular for role in ("teacher", "student")]
+    out += [PaperModel(f"{IMAGE_SETS[ds]}-glow-{role}", ds, "glow", role)
+            for ds in images for role in ("teacher", "student")]
+    return out
+
+
+def _train_size(dataset: str) -> int:
+    if dataset in TRAIN_SIZES:
+        return TRAIN_SIZES[dataset]
+    from .data_sources import PUBLISHED_SIZES
+
+    return PUBLISHED_SIZES[dataset][0]
+
+
+def plan(model: PaperModel, budget: str = "paper") -> dict:
+    """Parameter count (K, LU counted as Table 2 counts it for tabular GLOW) against the paper's, and the
+    steps and batch size of ``budget`` for ``model``."""
+    if budget not in BUDGETS:
+        raise ValueError(f"unknown budget {budget!r}; choose one of {', '.join(BUDGETS)}")
+    b = BUDGETS[budget]["tabular" if model.shape else model.dataset]
+    if model.shape is None:  # image models: counted on the meta device (no memory, no time)
+        with torch.device("meta"):
+            flow = from_preset(model.preset)
+    else:  # tabular models are small (MADE's masks need real tensors)
+        flow = from_preset(model.preset, shape=model.shape)
+    lu = "free" if model.preset.startswith("tabular-glow") else "stored"
+    ours = count_parameters(flow, lu=lu) / 1e3
+    paper = PAPER_PARAMS_K[model.preset][model.dataset]
+    n = _train_size(model.dataset)
+    batch = min(b.batch_size, n)
+    steps = b.iterations if b.iterations is not None else b.epochs * math.ceil(n / batch)
+    return {"model": model.preset, "dataset": model.dataset, "role": model.role, "params_k": ours,
+            "paper_params_k": paper, "off": ours / paper - 1, "steps": steps, "batch_size": batch,
+            "lr": b.lr, "optimizer": b.optimizer, "train_rows": n}
+
+
+def _stand_in(dataset: str, rows: int = 4) -> torch.Tensor:
+    """A tiny synthetic batch shaped and typed like ``dataset``'s data (for CI: no data on disk)."""
+    from .data import info
+
+    meta = info(dataset)
+    g = torch.Generator().manual_seed(0)
+    if meta.kind == "image":
+        return torch.randint(0, 256, (rows, *meta.shape), generator=g, dtype=torch.uint8)
+    return torch.randn(rows, *meta.shape, generator=g)
+
+
+def _check_pipeline(model: PaperModel, synthetic: bool) -> str:
+    """Open the data (or a stand-in) and run two rows through the model (tabular models and image
+    students on the CPU; an image teacher is only counted). Returns what was checked."""
+    from .data import load, to_model_space
+
+    x = _stand_in(model.dataset) if synthetic else load(model.dataset, "val")[:4]
+    if model.shape is None and model.role == "teacher":
+        return "data"
+    torch.manual_seed(0)
+    flow = from_preset(model.preset, shape=model.shape).eval()
+    kind = "glow" if model.arch == "glow" else "maf"
+    y, _ = to_model_space(x[:2], kind=kind, generator=torch.Generator().manual_seed(0)) \
+        if model.shape is None else (x[:2].float(), None)
+    with torch.no_grad():
+        lp = flow.log_prob(y)
+    if lp.shape != (2,) or not bool(torch.isfinite(lp).all()):
+        raise RuntimeError(f"{model.preset} on {model.dataset}: log_prob gave {lp}")
+    return "data + forward"
+
+
+def dry_run(tabular=TABULAR_SETS, images=tuple(IMAGE_SETS), archs=("glow", "maf"), budget: str = "paper",
+            synthetic: bool = False, tolerance: float = 0.03, out=print) -> list[dict]:
+    """Build and count every model, plan its budget, check its data pipeline; print one table. Returns
+    the rows; raises ``DataNotAvailableError`` (with how to get the set) before anything else if a set
+    is missing and ``synthetic`` is False."""
+    models = paper_models(tabular, images, archs)
+    if not synthetic:  # every set opens before any model is built: a missing one fails first
+        from .data import load
+
+        for dataset in dict.fromkeys(m.dataset for m in models):
+            load(dataset, "val")
+    rows = []
+    for m in models:
+        row = plan(m, budget)
+        row["checked"] = _check_pipeline(m, synthetic)
+        row["within"] = abs(row["off"]) <= tolerance
+        rows.append(row)
+    out(f"paper scale, budget {budget!r} ({'synthetic stand-ins' if synthetic else 'the real data'}); "
+        f"nothing is trained")
+    out(f"{'model':<24} {'dataset':<10} {'params K':>10} {'paper K':>9} {'off':>7} {'steps':>10} "
+        f"{'batch':>7} {'checked':<14}")
+    for r in rows:
+        flag = "" if r["within"] else f"  <- beyond {tolerance:.0%}"
+        out(f"{r['model']:<24} {r['dataset']:<10} {r['params_k']:>10.1f} {r['paper_params_k']:>9.1f} "
+            f"{r['off']:>+7.1%} {r['steps']:>10,} {r['batch_size']:>7,} {r['checked']:<14}{flag}")
+    beyond = [f"{r['model']} on {r['dataset']}" for r in rows if not r["within"]]
+    out(f"{len(rows) - len(beyond)} of {len(rows)} parameter counts within {tolerance:.0%} of the paper's"
+        + (f"; beyond: {', '.join(beyond)} (see flowlib.models.PRESETS)" if beyond else ""))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flowlib.paper_scale",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dry-run", action="store_true", required=True,
+                        help="build, count and plan every model; train nothing (the only mode so far)")
+    parser.add_argument("--budget", choices=sorted(BUDGETS), default="paper")
+    parser.add_argument("--synthetic", action="store_true",
+                        help="tiny stand-ins of each set instead of its data (no download needed)")
+    parser.add_argument("--tabular", nargs="*", default=list(TABULAR_SETS))
+    parser.add_argument("--images", nargs="*", default=list(IMAGE_SETS))
+    args = parser.parse_args(argv)
+    from .data_sources import DataNotAvailableError
+
+    try:
+        dry_run(args.tabular, args.images, budget=args.budget, synthetic=args.synthetic)
+    except (DataNotAvailableError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
