@@ -31,11 +31,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _inputs(model, shape, batch: int, device: torch.device) -> torch.Tensor:
+def _inputs(flow, batch: int, device: torch.device) -> torch.Tensor:
+    """A batch of random inputs of ``flow``'s shape (images: GLOW's model space, pixels - 0.5)."""
     g = torch.Generator(device="cpu").manual_seed(0)
-    if model.shape is None:  # images in GLOW's model space: dequantised pixels minus 0.5
-        return (torch.rand(batch, *shape, generator=g) - 0.5).to(device)
-    return torch.randn(batch, *shape, generator=g).to(device)
+    if len(flow.input_shape) == 3:
+        return (torch.rand(batch, *flow.input_shape, generator=g) - 0.5).to(device)
+    return torch.randn(batch, *flow.input_shape, generator=g).to(device)
 
 
 def time_steps(m, device: torch.device, steps: int, seconds: float, max_batch: int | None,
@@ -45,8 +46,7 @@ def time_steps(m, device: torch.device, steps: int, seconds: float, max_batch: i
     batch = b.batch_size if max_batch is None else min(b.batch_size, max_batch)
     torch.manual_seed(0)
     flow = from_preset(m.preset, shape=m.shape).to(device).train()
-    shape = m.shape or flow.input_shape
-    x = _inputs(m, shape, batch, device)
+    x = _inputs(flow, batch, device)
     opt = torch.optim.AdamW(flow.parameters(), lr=b.lr)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -78,7 +78,7 @@ def bf16_check(m, device: torch.device, batch: int, repeats: int = 5) -> dict:
     log-likelihoods in nats per dimension, and the time of a forward-backward pass in each."""
     torch.manual_seed(0)
     flow = from_preset(m.preset, shape=m.shape).to(device).train()
-    x = _inputs(m, m.shape or flow.input_shape, batch, device)
+    x = _inputs(flow, batch, device)
     with torch.no_grad():
         flow.log_prob(x)  # ActNorm's initialisation
         for p in flow.parameters():  # away from the identity start, so the conditioners matter

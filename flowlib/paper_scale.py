@@ -34,7 +34,7 @@ from .models import PAPER_PARAMS_K, TABULAR_DIMS, count_parameters, from_preset
 __all__ = ["BUDGETS", "IMAGE_SETS", "TABULAR_SETS", "PaperModel", "dry_run", "main", "paper_models", "plan"]
 
 TABULAR_SETS = ("power", "gas", "hepmass", "miniboone", "bsds300")
-IMAGE_SETS = {"cifar10": "cifar10", "celeba": "celeba"}  # dataset -> preset prefix
+IMAGE_SETS = ("cifar10", "celeba")  # each also the prefix of its presets
 TRAIN_SIZES = {"cifar10": 50_000, "celeba": 162_770}  # training images (torchvision's splits)
 
 
@@ -70,7 +70,7 @@ class PaperModel:
         return (TABULAR_DIMS[self.dataset],) if self.dataset in TABULAR_DIMS else None
 
 
-def paper_models(tabular=TABULAR_SETS, images=tuple(IMAGE_SETS), archs=("glow", "maf")) -> list[PaperModel]:
+def paper_models(tabular=TABULAR_SETS, images=IMAGE_SETS, archs=("glow", "maf")) -> list[PaperModel]:
     """Every teacher and student of Table 2 (tabular, GLOW and MAF) and Table 5 (images, GLOW)."""
     unknown = sorted(set(tabular) - set(TABULAR_SETS)) + sorted(set(images) - set(IMAGE_SETS))
     if unknown:
@@ -78,7 +78,7 @@ def paper_models(tabular=TABULAR_SETS, images=tuple(IMAGE_SETS), archs=("glow", 
                          f"(tabular) and {', '.join(IMAGE_SETS)} (images)")
     out = [PaperModel(f"tabular-{arch}-{role}", ds, arch, role)
            for arch in archs for ds in tabular for role in ("teacher", "student")]
-    out += [PaperModel(f"{IMAGE_SETS[ds]}-glow-{role}", ds, "glow", role)
+    out += [PaperModel(f"{ds}-glow-{role}", ds, "glow", role)
             for ds in images for role in ("teacher", "student")]
     return out
 
@@ -124,19 +124,19 @@ def _stand_in(dataset: str, rows: int = 4) -> torch.Tensor:
     return torch.randn(rows, *meta.shape, generator=g)
 
 
-def _check_pipeline(model: PaperModel, synthetic: bool) -> str:
-    """Open the data (or a stand-in) and run two rows through the model (tabular models and image
-    students on the CPU; an image teacher is only counted). Returns what was checked."""
-    from .data import load, to_model_space
+def _check_pipeline(model: PaperModel, x: torch.Tensor) -> str:
+    """Run two rows of the set's data ``x`` (or its stand-in) through the model: tabular models and image
+    students, on the CPU; an image teacher is only counted. Returns what was checked."""
+    from .data import to_model_space
 
-    x = _stand_in(model.dataset) if synthetic else load(model.dataset, "val")[:4]
     if model.shape is None and model.role == "teacher":
         return "data"
     torch.manual_seed(0)
     flow = from_preset(model.preset, shape=model.shape).eval()
-    kind = "glow" if model.arch == "glow" else "maf"
-    y, _ = to_model_space(x[:2], kind=kind, generator=torch.Generator().manual_seed(0)) \
-        if model.shape is None else (x[:2].float(), None)
+    if model.shape is None:  # uint8 images into GLOW's model space
+        y, _ = to_model_space(x[:2], kind="glow", generator=torch.Generator().manual_seed(0))
+    else:
+        y = x[:2].float()
     with torch.no_grad():
         lp = flow.log_prob(y)
     if lp.shape != (2,) or not bool(torch.isfinite(lp).all()):
@@ -144,21 +144,21 @@ def _check_pipeline(model: PaperModel, synthetic: bool) -> str:
     return "data + forward"
 
 
-def dry_run(tabular=TABULAR_SETS, images=tuple(IMAGE_SETS), archs=("glow", "maf"), budget: str = "paper",
+def dry_run(tabular=TABULAR_SETS, images=IMAGE_SETS, archs=("glow", "maf"), budget: str = "paper",
             synthetic: bool = False, tolerance: float = 0.03, out=print) -> list[dict]:
     """Build and count every model, plan its budget, check its data pipeline; print one table. Returns
     the rows; raises ``DataNotAvailableError`` (with how to get the set) before anything else if a set
     is missing and ``synthetic`` is False."""
     models = paper_models(tabular, images, archs)
-    if not synthetic:  # every set opens before any model is built: a missing one fails first
-        from .data import load
+    from .data import load
 
-        for dataset in dict.fromkeys(m.dataset for m in models):
-            load(dataset, "val")
+    # every set opens once, before any model is built: a missing one fails first
+    batches = {ds: _stand_in(ds) if synthetic else load(ds, "val")[:4]
+               for ds in dict.fromkeys(m.dataset for m in models)}
     rows = []
     for m in models:
         row = plan(m, budget)
-        row["checked"] = _check_pipeline(m, synthetic)
+        row["checked"] = _check_pipeline(m, batches[m.dataset])
         row["within"] = abs(row["off"]) <= tolerance
         rows.append(row)
     out(f"paper scale, budget {budget!r} ({'synthetic stand-ins' if synthetic else 'the real data'}); "

@@ -873,8 +873,10 @@ def _load_finished(config: TrainConfig, directory: Path, which: str):
     return _finish(config, directory, which, model, list(ck["history"]))
 
 
-def _train_new(config: TrainConfig, data_fn, checkpoint_root, progress: bool, which: str, directory: Path):
-    """Train (or resume) ``config`` into ``directory``; the caller holds its :func:`training_lock`."""
+def _train_new(config: TrainConfig, data_fn, checkpoint_root, progress: bool, which: str, directory: Path,
+               distributed=None):
+    """Train (or resume) ``config`` into ``directory``; the caller holds its :func:`training_lock`, or is one
+    rank of ``distributed`` (:mod:`flowlib.train_ddp`), whose teacher must be trained already."""
     if config.dataset is None:
         raise ValueError("config.dataset is not set: name the dataset data_fn should load")
     data_fn = data_fn or _default_data_fn()
@@ -885,9 +887,15 @@ def _train_new(config: TrainConfig, data_fn, checkpoint_root, progress: bool, wh
         if config.teacher is None:
             raise ValueError(f"config {config.name!r} uses method {config.method!r}, which needs "
                              f"config.teacher (the teacher's TrainConfig)")
+        if distributed is not None and not is_trained(config.teacher, checkpoint_root):
+            # every rank would train it at once: one process trains teachers, before the ranks start
+            raise FileNotFoundError(f"{config.name}: its teacher is not trained under {checkpoint_root}; "
+                                    f"train it first (train_or_load, or flowlib.train_ddp on its config)")
         teacher, _ = train_or_load(config.teacher, data_fn, checkpoint_root, progress, which="best")
     torch.manual_seed(config.seed)
     model = build_model(config.arch, tuple(train_x.shape[1:]), **config.model_kwargs)
     history = train(model, train_x, val_x, config, teacher=teacher, checkpoint_dir=directory,
-                    progress=progress)
+                    progress=progress, distributed=distributed)
+    if distributed is not None:
+        distributed.barrier()  # rank 0's last checkpoint is on disk before any rank reads it
     return _finish(config, directory, which, model, history)

@@ -105,6 +105,9 @@ class DataParallel:
             self._student = student
         return self._wrapped(teacher, y, kwargs)
 
+    def barrier(self) -> None:
+        dist.barrier()
+
     def all_true(self, flag: bool) -> bool:
         """Whether ``flag`` holds on every rank (so that all ranks stop together)."""
         t = torch.tensor([1.0 if flag else 0.0])
@@ -139,38 +142,21 @@ def train_distributed(config, data_fn=None, checkpoint_root: str | os.PathLike =
     initialises the group from the environment if needed). Returns ``(model, history)`` on every rank,
     with the best-validation weights, as :func:`flowlib.train.train_or_load` does."""
     from . import train as T
-    from .models import build_model
 
     device = T.resolve_device(config.device)
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
+        config = config.replace(device=str(device))  # not part of the run's identity
     if not dist.is_initialized():
         dist.init_process_group(_backend(device))
     parallel = DataParallel(device)
-    parallel.check(config)
-    if config.dataset is None:
-        raise ValueError("config.dataset is not set: name the dataset data_fn should load")
-    data_fn = data_fn or T._default_data_fn()
-    train_x = T._as_tensor(data_fn(config.dataset, "train"), f"data_fn({config.dataset!r}, 'train')")
-    val_x = data_fn(config.dataset, "val")
-    teacher = None
-    if config.distilled:
-        if config.teacher is None or not T.is_trained(config.teacher, checkpoint_root):
-            raise FileNotFoundError(f"{config.name}: its teacher is not trained under {checkpoint_root}; "
-                                    f"train it first (train_or_load, or this command on its config)")
-        teacher, _ = T.train_or_load(config.teacher, data_fn, checkpoint_root, progress=False)
+    parallel.check(config)  # before any data is read
     directory = T._run_directory(config, checkpoint_root)
     if parallel.is_writer:
         directory.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
-    torch.manual_seed(config.seed)
-    model = build_model(config.arch, tuple(train_x.shape[1:]), **config.model_kwargs)
-    history = T.train(model, train_x, val_x, config.replace(device=str(device)) if device.type == "cuda"
-                      else config, teacher=teacher, checkpoint_dir=directory, progress=progress,
-                      distributed=parallel)
-    dist.barrier()  # rank 0's last checkpoint is on disk before any rank reads it
-    return T._finish(config, directory, "best", model, history)
+    parallel.barrier()
+    return T._train_new(config, data_fn, checkpoint_root, progress, "best", directory, distributed=parallel)
 
 
 def _tensor_data(path: Path):
