@@ -190,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     data_fn = _tensor_data(args.data) if args.data else None
     try:
         _, history = train_distributed(config, data_fn, args.checkpoint_root, progress=not args.no_progress)
+    except (FileNotFoundError, ValueError) as err:  # a missing teacher or data set, a refused config
+        print(f"error (rank {os.environ.get('RANK', 0)}): {err}", file=sys.stderr)
+        return 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
