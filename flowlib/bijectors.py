@@ -14,16 +14,15 @@ Inputs are either tabular ``(N, D)`` or images ``(N, C, H, W)``; layers that wor
 
 from __future__ import annotations
 
-import contextlib
 import math
 import operator
-import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import scratch
+from . import fast_paths, fused, scratch
+from .fused import _cached_without_grad, cached_weights  # noqa: F401  (re-exported: part of this module's interface)
 from .precision import conditioner_dtype
 
 __all__ = [
@@ -45,67 +44,6 @@ __all__ = [
     "cached_weights",
     "dequantize",
 ]
-
-
-_LOG2_E = 1.0 / math.log(2.0)
-_LN_2 = math.log(2.0)
-
-
-# Modules inside a :func:`cached_weights` block -> their derived-weight cache, key -> (stamp, value). Held
-# weakly and outside the module, so that a copy of the module (``copy.deepcopy``, ``AveragedModel``, pickling)
-# never carries an active cache with it.
-_WEIGHT_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-@contextlib.contextmanager
-def cached_weights(model: nn.Module):
-    """Context manager for evaluating a model whose weights are fixed: ``with cached_weights(model): ...``.
-
-    **Inside the block, the weights of ``model`` are promised not to change.** The tensors each layer derives
-    from its weights (the LU matrix ``W`` and ``W^-1``, MADE's masked / scaled / flipped / padded weights,
-    batch norm's evaluation-mode affine map, a self-normalizing layer's exact log-det) are then computed
-    once, on their first use without gradients, and reused by every later pass in the block; on leaving the
-    block they are dropped. Outside such a block (the default) they are recomputed on every call, which is
-    always correct however the weights change (an optimizer step, ``load_state_dict``, ``p.copy_``, a write
-    through ``p.data``, ``torch.nn.utils.vector_to_parameters``, an EMA update).
-
-    The results inside equal those outside; only the repeated small operations are saved: for a 6-block MAF
-    about 0.7 ms per ``log_prob`` (40% of a batch of 512, 5-10% of a batch of 8192), for a 3-step tabular
-    Glow 0.1-0.2 ms (10-15% at 512, 3-4% at 8192), single-threaded CPU. Worth it wherever a fixed model is
-    evaluated many times (test-set likelihoods, sampling loops, a frozen teacher during distillation). With
-    gradients enabled nothing is cached (autograd must see the computation). As a safeguard, a weight moved
-    to another device or dtype, or changed in place by an operation autograd tracks (an optimizer step,
-    ``load_state_dict``), is still noticed; a write through ``.data`` is not (that is the promise). Blocks
-    nest; a copy of the model made inside the block is not cached. Yields ``model``.
-    """
-    entered = []
-    for module in model.modules():
-        if module not in _WEIGHT_CACHES:
-            _WEIGHT_CACHES[module] = {}
-            entered.append(module)
-    try:
-        yield model
-    finally:
-        for module in entered:
-            _WEIGHT_CACHES.pop(module, None)
-
-
-def _cached_without_grad(module: nn.Module, key, tensors, make):
-    """``make()``: a tensor (or tuple of tensors) derived from the weights ``tensors`` of ``module``.
-
-    Recomputed on every call, unless ``module`` is inside a :func:`cached_weights` block and gradients are
-    off: then the value of the first call is reused while each of ``tensors`` keeps its version, storage and
-    dtype. (Those alone cannot tell a write through ``.data``, which has its own version counter: that is why
-    reuse needs the explicit promise of :func:`cached_weights`.) For the small weight-derived tensors whose
-    dozens of tiny ops per call cost more than the arithmetic at small batches."""
-    cache = _WEIGHT_CACHES.get(module) if _WEIGHT_CACHES else None
-    if cache is None or torch.is_grad_enabled() or tensors[0].device.type == "meta":
-        return make()
-    stamp = tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
-    hit = cache.get(key)
-    if hit is None or hit[0] != stamp:
-        hit = cache[key] = (stamp, make())
-    return hit[1]
 
 
 class NonFiniteBatchError(ValueError):
@@ -355,48 +293,6 @@ def _coupling_net(in_f: int, out_f: int, hidden: int, image: bool, conditioner: 
     return net
 
 
-class _AffineCouplingFn(torch.autograd.Function):
-    """The elementwise half of :class:`AffineCoupling` in one autograd node:
-    ``y_b = (x_b + shift) * s / sigmoid(2)`` with ``s = sigmoid(raw + 2)`` and
-    ``logdet = sum(log(s)) - n * logsigmoid(2)`` (sum over all but the batch dimension).
-
-    Backward by hand: ``dy/dx_b = dy/dshift = scale``; ``d scale / d raw = scale (1 - s)`` and
-    ``d logsigmoid(t) / dt = 1 - s``, so ``dL/draw = (g_y * y + g_logdet) * (1 - s)``.
-    """
-
-    @staticmethod
-    def compute(x_b, shift, raw, offset: float, in_place: bool = False):
-        """``y_b, logdet, s, scale``; ``in_place`` reuses ``raw`` and ``shift`` (evaluation only), with the
-        very same arithmetic, so both paths agree bit for bit."""
-        t = raw.add_(offset) if in_place else raw + offset
-        log_sigmoid_offset = -math.log1p(math.exp(-offset))  # in double precision, whatever the dtype
-        s = t.sigmoid_()
-        # log(sigmoid(t)) from the sigmoid already needed for the scale: one fast vectorised log instead of
-        # the CPU logsigmoid kernel (5x slower). It equals logsigmoid(t) unless s underflows to 0
-        # (t < -87 in float32), where the scale itself is 0, the layer singular and logdet -inf, which
-        # training reports as divergence.
-        logdet = torch.log(s).flatten(1).sum(1) - math.prod(t.shape[1:]) * log_sigmoid_offset
-        if in_place:
-            scale = s.mul_(math.exp(-log_sigmoid_offset))
-            return shift.add_(x_b).mul_(scale), logdet, None, scale
-        scale = s * math.exp(-log_sigmoid_offset)
-        return torch.add(shift, x_b).mul_(scale), logdet, s, scale
-
-    @staticmethod
-    def forward(ctx, x_b, shift, raw, offset: float):
-        y, logdet, s, scale = _AffineCouplingFn.compute(x_b, shift, raw, offset)
-        ctx.save_for_backward(s, scale, y)
-        return y, logdet
-
-    @staticmethod
-    def backward(ctx, grad_y, grad_logdet):
-        s, scale, y = ctx.saved_tensors
-        grad_x = grad_y * scale
-        view = (-1,) + (1,) * (y.dim() - 1)
-        grad_raw = torch.addcmul(grad_logdet.view(view), grad_y, y).mul_(1.0 - s)
-        return grad_x, grad_x, grad_raw, None
-
-
 class AffineCoupling(nn.Module):
     """GLOW's affine coupling layer.
 
@@ -442,6 +338,9 @@ class AffineCoupling(nn.Module):
         return self._conditioner(x_a)
 
     def _conditioner(self, x_a):
+        if not fast_paths.enabled():  # the reference: the network as written, its output sliced
+            out = self.net(x_a)
+            return out[:, 0::2], out[:, 1::2]
         h = x_a
         for layer in self.net[:-1]:
             if isinstance(layer, nn.Linear):
@@ -460,15 +359,24 @@ class AffineCoupling(nn.Module):
         log_scale = F.logsigmoid(raw + self.offset) - F.logsigmoid(self.offset)
         return shift, log_scale
 
+    def reference_forward(self, x):
+        """The layer in plain PyTorch (the fast path computes the same): ``y_b = (x_b + t) * s`` with
+        ``s = sigmoid(r + 2) / sigmoid(2)``, ``log|det J| = sum log s``."""
+        x_a, x_b = x.split([self.d_a, self.d_b], dim=1)
+        shift, log_scale = self._scale_shift(x_a)
+        return torch.cat([x_a, (x_b + shift) * torch.exp(log_scale)], dim=1), _sum_except_batch(log_scale)
+
     def forward(self, x):
         _check_features(x, self.features, "AffineCoupling")
+        if not fast_paths.enabled():
+            return self.reference_forward(x)
         x_a, x_b = x.split([self.d_a, self.d_b], dim=1)  # one cat in backward, not two scatters
         shift, raw = self._shift_raw(x_a)
         # the offset buffer is always 2 (kept for checkpoints); a Python float also works on the meta device
         if torch.is_grad_enabled():
-            y_b, logdet = _AffineCouplingFn.apply(x_b, shift, raw, 2.0)
+            y_b, logdet = fused.AffineCouplingFn.apply(x_b, shift, raw, 2.0)
         else:  # evaluation: the same operations, in place in the conditioner's fresh outputs
-            y_b, logdet = _AffineCouplingFn.compute(x_b, shift, raw, 2.0, in_place=True)[:2]
+            y_b, logdet = fused.AffineCouplingFn.compute(x_b, shift, raw, 2.0, in_place=True)[:2]
             if x.dim() == 2:
                 return torch.cat([x_a, y_b], dim=1, out=scratch.out(x.shape, x)), logdet
         return torch.cat([x_a, y_b], dim=1), logdet
@@ -694,8 +602,19 @@ class MADE(nn.Module):
         modules.append(last)
         self.net = nn.Sequential(*modules)
 
+    def reference_forward(self, x):
+        """MADE in plain PyTorch: each layer multiplies by its masked weight, ReLU between the layers; the
+        output (N, n_outputs * D) viewed as (N, n_outputs, D)."""
+        h = x
+        for layer in self.net:
+            h = F.linear(h, layer.weight * layer.mask, layer.bias) if isinstance(layer, _MaskedLinear) \
+                else torch.relu(h)
+        return h.view(x.shape[0], self.n_outputs, self.features)
+
     def forward(self, x):
         _check_features(x, self.features, "MADE")
+        if not fast_paths.enabled():
+            return self.reference_forward(x)
         return torch.stack([h[:, : self.features] for h in self.heads(x)], 1)
 
     @property
@@ -733,7 +652,7 @@ class MADE(nn.Module):
         return 0, k, first.masked_weight()
 
     def fused_parameters(self, scales, reversed_features: bool = False):
-        """``lo, hi, params`` for :class:`_MadeAffineFn`, which computes what :meth:`heads` computes (two
+        """``lo, hi, params`` for :class:`fused.MadeAffineFn`, which computes what :meth:`heads` computes (two
         heads): the input columns ``[lo, hi)`` the first layer multiplies, then every hidden layer's masked
         weight and bias and the two heads' prepared weights and biases."""
         lo, hi, w_first = self._first_layer(reversed_features)
@@ -756,94 +675,6 @@ class MADE(nn.Module):
         return lo, hi, params
 
 
-class _MadeAffineFn(torch.autograd.Function):
-    """MADE and Eq. 10's encode step fused into one autograd node (the training path of
-    :class:`MaskedAffineAutoregressive`).
-
-    Forward: ``h = relu(x[:, lo:hi] W_1^T + b_1)``, then ``h = relu(h W_l^T + b_l)`` for every further hidden
-    layer, the two heads ``-mu = h W_mu^T + b_mu`` and ``r' = h W_r^T + b_r`` (the -1 and ``2 / clamp`` are
-    folded into those weights), ``alpha = clamp * tanh(r / clamp)``, ``u = (x + (-mu)) * exp(-alpha)`` and
-    ``logdet = -sum_i alpha_i``. ``[lo, hi)`` are the input columns some hidden unit can see
-    (:class:`_MaskedLinear`); ``W_1`` multiplies only those.
-
-    Written out by hand because autograd's op-by-op graph makes about twice as many passes over the (N, D)
-    tensors, and those passes, not the small matmuls, dominate a MAF training step. In particular x's
-    gradient is assembled in one buffer: ``grad_u * exp(-alpha)``, plus the first layer's input gradient
-    added in place into columns ``lo:hi`` (autograd would zero-fill an (N, D) tensor for the column slice,
-    copy into it and add it to the other path's gradient). ``clamp * tanh(r / clamp)`` is evaluated as
-    ``clamp * (2 sigmoid(2 r / clamp) - 1)`` (the same function; the CPU sigmoid kernel is much faster than
-    tanh). The heads may be wider than ``x`` (:attr:`MADE.head_width`): their extra columns are exactly 0, so
-    ``alpha`` is 0 there and adds nothing to the log-det. Backward of the affine step: ``du/dx = du/d(-mu) =
-    exp(-alpha)``, ``du/dalpha = -u``, ``dlogdet/dalpha = -1``, ``dalpha/dr' = 2 clamp s (1 - s)`` with
-    ``s = sigmoid(r')``; of each layer the usual linear and ReLU rules.
-
-    ``apply(x, lo, hi, clamp, w_1, b_1, ..., w_L, b_L, w_mu, b_mu, w_r, b_r)``; returns ``u, logdet``.
-    """
-
-    @staticmethod
-    def forward(ctx, x, lo: int, hi: int, clamp: float, *params):
-        *hidden, w_mu, b_mu, w_r, b_r = params
-        x_in = x[:, lo:hi]
-        h, acts = x_in, [x_in]  # every layer's input
-        for w, b in zip(hidden[::2], hidden[1::2]):
-            h = torch.addmm(b, h, w.T).relu_()
-            acts.append(h)
-        neg_mu = torch.addmm(b_mu, h, w_mu.T)
-        s = torch.addmm(b_r, h, w_r.T).sigmoid_()
-        # -alpha in base-2 units: exp2 is ~3x faster than exp on the CPU
-        neg_alpha2 = torch.add(s.new_tensor(clamp * _LOG2_E), s, alpha=-2.0 * clamp * _LOG2_E)
-        logdet = neg_alpha2.sum(1).mul_(_LN_2)
-        scale = neg_alpha2.exp2_()
-        d = x.shape[1]
-        u = torch.add(x, neg_mu[:, :d]).mul_(scale[:, :d])
-        ds = s.addcmul_(s, s, value=-1.0)  # s (1 - s), in place: backward needs nothing else of s
-        ctx.save_for_backward(ds, scale, u, *acts, *hidden[::2], w_mu, w_r)
-        ctx.clamp, ctx.lo, ctx.hi, ctx.layers = clamp, lo, hi, len(hidden) // 2
-        return u, logdet
-
-    @staticmethod
-    def backward(ctx, grad_u, grad_logdet):
-        ds, scale, u, *rest = ctx.saved_tensors
-        n_layers = ctx.layers
-        acts, weights, (w_mu, w_r) = rest[:n_layers + 1], rest[n_layers + 1:2 * n_layers + 1], rest[-2:]
-        d = u.shape[1]
-        # dL/dr' = -(grad_u * u + grad_logdet) * dalpha/dr',  dalpha/dr' = 2 clamp s (1 - s)
-        k = -2.0 * ctx.clamp  # folded into the first pass: (k grad_logdet) + k (grad_u u), then times ds
-        row = grad_logdet.unsqueeze(1) * k
-        if scale.shape[1] == d:
-            grad_mu = grad_u * scale
-            grad_r = torch.addcmul(row, grad_u, u, value=k).mul_(ds)
-        else:  # padded heads: their extra columns enter the log-det only
-            grad_mu = torch.empty_like(ds)
-            torch.mul(grad_u, scale[:, :d], out=grad_mu[:, :d])
-            grad_mu[:, d:] = 0.0
-            grad_r = torch.empty_like(ds)
-            grad_r[:, d:] = row
-            torch.addcmul(row, grad_u, u, value=k, out=grad_r[:, :d])
-            grad_r.mul_(ds)
-        weights_need_grad = any(ctx.needs_input_grad[4:])  # not for a frozen teacher
-        h = acts[-1]
-        grads = [None] * 4
-        if weights_need_grad:
-            grads = [grad_mu.T @ h, grad_mu.sum(0), grad_r.T @ h, grad_r.sum(0)]
-        g = torch.mm(grad_mu, w_mu).addmm_(grad_r, w_r)
-        layer_grads = []
-        for i in range(n_layers - 1, -1, -1):
-            # ReLU's backward from its output (> 0 exactly where the input was)
-            g = torch.ops.aten.threshold_backward(g, acts[i + 1], 0.0)
-            layer_grads = ([g.T @ acts[i], g.sum(0)] if weights_need_grad else [None, None]) + layer_grads
-            if i > 0:
-                g = g @ weights[i]
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            # x's gradient is -mu's (its first d columns), which no later use reads: add the first layer's
-            # input gradient to it in place. A separate product then an add, not addmm_: the sum rounds
-            # exactly as autograd's accumulation of the two paths did, so training is unchanged bit for bit
-            grad_x = grad_mu[:, :d]
-            grad_x[:, ctx.lo:ctx.hi] += torch.mm(g, weights[0])
-        return (grad_x, None, None, None, *layer_grads, *grads)
-
-
 class MaskedAffineAutoregressive(nn.Module):
     """MAF's masked affine autoregressive transform (Eq. 10).
 
@@ -863,22 +694,47 @@ class MaskedAffineAutoregressive(nn.Module):
         """Encode ``x``; with ``reversed_features=True``, ``x`` holds the features back to front and so does
         the result (``flip(forward(flip(x)))``, computed without touching the data's order)."""
         _check_features(x, self.features, "MaskedAffineAutoregressive")
+        if not fast_paths.enabled():
+            return self.reference_forward(x, reversed_features)
         # the heads come out of the last layer already multiplied by -1 and 2 / clamp (see the Fn)
         scales = (-1.0, 2.0 / self.clamp)
         if torch.is_grad_enabled():
             lo, hi, params = self.made.fused_parameters(scales, reversed_features)
-            return _MadeAffineFn.apply(x, lo, hi, self.clamp, *params)
+            return fused.MadeAffineFn.apply(x, lo, hi, self.clamp, *params)
         neg_mu, r = self.made.heads(x, scales=scales, reversed_features=reversed_features)
         # evaluation: the same arithmetic in place in the freshly computed heads
         s = r.sigmoid_()
-        c2 = self.clamp * _LOG2_E
+        c2 = self.clamp * fused.LOG2_E
         neg_alpha2 = torch.add(s.new_tensor(c2), s, alpha=-2.0 * c2, out=s)
-        logdet = neg_alpha2.sum(1).mul_(_LN_2)
+        logdet = neg_alpha2.sum(1).mul_(fused.LN_2)
         scale = neg_alpha2.exp2_()
         d = x.shape[1]
         if neg_mu.shape[1] == d:
             return torch.add(x, neg_mu, out=neg_mu).mul_(scale), logdet
         return torch.add(x, neg_mu[:, :d], out=scratch.out(x.shape, x)).mul_(scale[:, :d]), logdet
+
+    def reference_forward(self, x, reversed_features: bool = False):
+        """Eq. 10 in plain PyTorch: ``(mu, r) = MADE(x)``, ``alpha = clamp * tanh(r / clamp)``,
+        ``u = (x - mu) * exp(-alpha)``, ``log|det J| = -sum(alpha)``; ``reversed_features``:
+        ``flip(forward(flip(x)))``."""
+        if reversed_features:
+            u, logdet = self.reference_forward(x.flip(1))
+            return u.flip(1), logdet
+        mu, r = self.made.reference_forward(x).unbind(1)
+        alpha = self.clamp * torch.tanh(r / self.clamp)
+        return (x - mu) * torch.exp(-alpha), -alpha.sum(1)
+
+    def reference_inverse(self, u):
+        """Decoding in plain PyTorch, one feature at a time: ``x_i = u_i * exp(alpha_i) + mu_i`` with MADE run
+        on the features decoded so far (D whole passes); log-det ``sum(alpha)``."""
+        columns, alpha_sum = [], 0
+        for i in range(self.features):
+            x = torch.stack(columns + [torch.zeros_like(u[:, 0])] * (self.features - i), 1)
+            mu, r = self.made.reference_forward(x)[:, :, i].unbind(1)
+            alpha = self.clamp * torch.tanh(r / self.clamp)
+            columns.append(u[:, i] * torch.exp(alpha) + mu)
+            alpha_sum = alpha_sum + alpha
+        return torch.stack(columns, 1), alpha_sum
 
     def inverse(self, u):
         """Decode one feature at a time. Output ``i`` of MADE sees only inputs ``< i``, so rather than running
@@ -886,6 +742,8 @@ class MaskedAffineAutoregressive(nn.Module):
         layer's pre-activation (a rank-one update), recomputes the hidden layers, and evaluates only output
         ``i``'s two rows of the last layer. Gradients flow through every step (SKD needs them)."""
         _check_features(u, self.features, "MaskedAffineAutoregressive")
+        if not fast_paths.enabled():
+            return self.reference_inverse(u)
         net = self.made.net
         first, last = net[0], net[-1]
         d, k = self.features, 2.0 / self.clamp
@@ -906,40 +764,6 @@ class MaskedAffineAutoregressive(nn.Module):
             columns.append(torch.addcmul(mu, u[:, i], torch.exp(alpha)))
             alpha_sum = alpha_sum + alpha
         return torch.stack(columns, 1), alpha_sum
-
-
-class _BatchNormFn(torch.autograd.Function):
-    """Training-mode batch normalisation with its log-determinant, fused into one autograd node:
-    ``y = (x - m) * exp(ls) + beta`` and ``logdet = sum(ls)`` with ``m, v`` the batch mean and (biased)
-    variance and ``ls = log_gamma - log(v + eps) / 2``. Both outputs depend on ``x`` through ``m`` and ``v``.
-    Returns ``y, logdet, m, v`` (the last two for the running averages; no gradient flows through them).
-    """
-
-    @staticmethod
-    def forward(ctx, x, log_gamma, beta, eps: float):
-        mean = x.mean(0)
-        centered = x - mean
-        # the mean of squares of the centred batch: much faster than the column-wise var kernel on (N, D)
-        var = centered.square().mean(0)
-        log_scale = log_gamma - 0.5 * torch.log(var + eps)
-        scale = log_scale.exp()
-        ctx.save_for_backward(centered, scale, var)
-        ctx.eps = eps
-        ctx.mark_non_differentiable(mean, var)
-        return torch.addcmul(beta, centered, scale), log_scale.sum(), mean, var
-
-    @staticmethod
-    def backward(ctx, grad_y, grad_logdet, _grad_mean, _grad_var):
-        centered, scale, var = ctx.saved_tensors
-        n = centered.shape[0]
-        grad_beta = grad_y.sum(0)
-        grad_log_scale = (grad_y * centered).sum(0) * scale + grad_logdet
-        grad_var = grad_log_scale * (-0.5 / (var + ctx.eps))
-        # dL/dx = g - mean(g) with g = dL/d(centered) = grad_y scale + centered grad_var 2 / n. The batch
-        # mean of centered is 0, so mean(g) = scale mean(grad_y) = scale grad_beta / n: no pass over g for it.
-        grad_x = torch.addcmul(grad_beta * scale * (-1.0 / n), grad_y, scale)
-        grad_x.addcmul_(centered, grad_var * (2.0 / n))
-        return grad_x, grad_log_scale, grad_beta, None
 
 
 class BatchNormFlow(nn.Module):
@@ -966,19 +790,13 @@ class BatchNormFlow(nn.Module):
         _check_features(x, self.features, "BatchNormFlow")
         if x.dim() != 2:
             raise ValueError("BatchNormFlow works on tabular (N, D) input")
+        if not fast_paths.enabled():
+            return self.reference_forward(x, reversed_features)
         order = (lambda v: v.flip(0)) if reversed_features else (lambda v: v)
         if self.training and x.shape[0] > 1:
-            y, logdet, mean, var = _BatchNormFn.apply(x, order(self.log_gamma), order(self.beta), self.eps)
-            # two (D,) vectors: NaN or inf anywhere in x shows in them. Checked before the running averages
-            # change, so a bad batch cannot poison them
-            if not _all_finite(mean + var):
-                _check_batch(x, "BatchNormFlow (training mode)")  # names NaN / inf if that is the cause
-                raise NonFiniteBatchError("BatchNormFlow (training mode): the batch's mean / variance "
-                                          "overflow (values too large for the dtype); the running statistics "
-                                          "were kept")
-            with torch.no_grad():
-                self.running_mean.lerp_(order(mean).to(self.running_mean.dtype), self.momentum)
-                self.running_var.lerp_(order(var).to(self.running_var.dtype), self.momentum)
+            y, logdet, mean, var = fused.BatchNormFn.apply(x, order(self.log_gamma), order(self.beta),
+                                                           self.eps)
+            self._update_running(x, order(mean), order(var))
             return y, logdet.expand(x.shape[0])
         def make():
             log_scale = order(self.log_gamma - 0.5 * torch.log(self.running_var + self.eps))
@@ -989,6 +807,35 @@ class BatchNormFlow(nn.Module):
         scale, shift, logdet = _cached_without_grad(self, ("affine", reversed_features), state, make)
         y = torch.addcmul(shift, x, scale, out=scratch.out(x.shape, x))  # one pass over x
         return y, logdet.expand(x.shape[0])
+
+    def _update_running(self, x, mean, var) -> None:
+        """Move the running averages towards the batch's ``mean`` and ``var`` (features in data order)."""
+        # two (D,) vectors: NaN or inf anywhere in x shows in them. Checked before the running averages
+        # change, so a bad batch cannot poison them
+        if not _all_finite(mean + var):
+            _check_batch(x, "BatchNormFlow (training mode)")  # names NaN / inf if that is the cause
+            raise NonFiniteBatchError("BatchNormFlow (training mode): the batch's mean / variance "
+                                      "overflow (values too large for the dtype); the running statistics "
+                                      "were kept")
+        with torch.no_grad():
+            self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
+            self.running_var.lerp_(var.detach().to(self.running_var.dtype), self.momentum)
+
+    def reference_forward(self, x, reversed_features: bool = False):
+        """Batch norm in plain PyTorch: ``y = (x - m) / sqrt(v + eps) * exp(log_gamma) + beta``, log-det
+        ``sum(log_gamma - log(v + eps) / 2)``, with the batch's mean and (biased) variance in training mode
+        (updating the running averages) and the running averages otherwise; ``reversed_features``:
+        ``flip(forward(flip(x)))``."""
+        if reversed_features:
+            y, logdet = self.reference_forward(x.flip(1))
+            return y.flip(1), logdet
+        if self.training and x.shape[0] > 1:
+            mean, var = x.mean(0), x.var(0, unbiased=False)
+            self._update_running(x, mean, var)
+        else:
+            mean, var = self.running_mean, self.running_var
+        log_scale = self.log_gamma - 0.5 * torch.log(var + self.eps)
+        return (x - mean) * torch.exp(log_scale) + self.beta, log_scale.sum().expand(x.shape[0])
 
     def inverse(self, y):
         _check_features(y, self.features, "BatchNormFlow")

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import scratch
+from . import fast_paths, scratch
 from .bijectors import (
     COUPLING_CONDITIONERS,
     ActNorm,
@@ -276,7 +276,7 @@ class FlowStep(nn.Module):
     def forward(self, x):
         # (a self-normalizing flow swaps in its own mixing layer, which must see its input: no folding there)
         if (x.device.type == "meta" or not isinstance(self.mix, InvertibleLinear)
-                or not bool(self.actnorm.initialized)):
+                or not bool(self.actnorm.initialized) or not fast_paths.enabled()):
             logdet = 0
             for layer in (self.actnorm, self.mix, self.coupling):
                 x, ld = layer(x)

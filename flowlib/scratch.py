@@ -19,6 +19,8 @@ import threading
 
 import torch
 
+from . import fast_paths
+
 __all__ = ["Arena", "MAX_ELEMENTS", "active", "out", "using"]
 
 # Inputs larger than this (elements) are evaluated without an arena: the arena keeps one pass's
@@ -62,7 +64,7 @@ class Arena:
 
 def active() -> Arena | None:
     """The arena of the pass running on this thread, if any (never while gradients are recorded)."""
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() or not fast_paths.enabled():
         return None
     return getattr(_state, "arena", None)
 

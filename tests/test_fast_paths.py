@@ -19,10 +19,8 @@ from flowlib.bijectors import (
     AffineCoupling,
     BatchNormFlow,
     MaskedAffineAutoregressive,
-    _AffineCouplingFn,
-    _BatchNormFn,
-    _MadeAffineFn,
 )
+from flowlib.fused import AffineCouplingFn, BatchNormFn, MadeAffineFn
 from flowlib.models import MAF, Glow
 
 
@@ -43,7 +41,7 @@ def _trained_like(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 # --- the fused autograd nodes: backward against finite differences ----------------------------------------
 
 def _made_affine_inputs(d: int, width: int, layers: int, seed: int = 0):
-    """x (N, d) and random parameters for :class:`_MadeAffineFn`: ``layers`` hidden layers of 3 units, the
+    """x (N, d) and random parameters for :class:`MadeAffineFn`: ``layers`` hidden layers of 3 units, the
     first reading 2 of the d input columns, heads ``width`` >= d wide, all float64 with gradients."""
     sizes = [2] + [3] * layers
     params = []
@@ -72,7 +70,7 @@ def _made_affine_reference(x, lo, hi, clamp, params):
 @pytest.mark.parametrize("width,lo", [(4, 0), (4, 2), (6, 0)])  # lo = 2: the reversed layout; 6: padded heads
 def test_made_affine_fn_gradcheck(layers, width, lo):
     x, params = _made_affine_inputs(4, width, layers)
-    fn = lambda x_, *p: _MadeAffineFn.apply(x_, lo, lo + 2, 3.0, *p)  # noqa: E731
+    fn = lambda x_, *p: MadeAffineFn.apply(x_, lo, lo + 2, 3.0, *p)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, *params))
     u, logdet = fn(x, *params)
     expected_u, expected_logdet = _made_affine_reference(x, lo, lo + 2, 3.0, params)
@@ -83,7 +81,7 @@ def test_made_affine_fn_gradcheck(layers, width, lo):
 def test_made_affine_fn_with_frozen_weights_still_passes_the_input_gradient():
     x, params = _made_affine_inputs(4, 6, 2)
     frozen = [p.detach() for p in params]
-    u, logdet = _MadeAffineFn.apply(x, 1, 3, 3.0, *frozen)
+    u, logdet = MadeAffineFn.apply(x, 1, 3, 3.0, *frozen)
     grad_x, = torch.autograd.grad((u * u).sum() + logdet.sum(), x)
     expected_u, expected_logdet = _made_affine_reference(x, 1, 3, 3.0, frozen)
     expected, = torch.autograd.grad((expected_u * expected_u).sum() + expected_logdet.sum(), x)
@@ -93,14 +91,14 @@ def test_made_affine_fn_with_frozen_weights_still_passes_the_input_gradient():
 def test_batch_norm_fn_gradcheck():
     x = _randn(7, 3, requires_grad=True)
     log_gamma, beta = _randn(3, seed=1, requires_grad=True), _randn(3, seed=2, requires_grad=True)
-    fn = lambda a, b, c: _BatchNormFn.apply(a, b, c, 1e-5)[:2]  # noqa: E731
+    fn = lambda a, b, c: BatchNormFn.apply(a, b, c, 1e-5)[:2]  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, log_gamma, beta))
 
 
 @pytest.mark.parametrize("shape", [(5, 3), (2, 3, 2, 2)])
 def test_affine_coupling_fn_gradcheck(shape):
     x_b, shift, raw = (_randn(*shape, seed=s, requires_grad=True) for s in range(3))
-    assert torch.autograd.gradcheck(lambda a, b, c: _AffineCouplingFn.apply(a, b, c, 2.0), (x_b, shift, raw))
+    assert torch.autograd.gradcheck(lambda a, b, c: AffineCouplingFn.apply(a, b, c, 2.0), (x_b, shift, raw))
 
 
 # --- the shortcuts against the formulas -------------------------------------------------------------------
