@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 
 from .data import info
+from .paper_scale import check_scale, paper_config
 from .study import CAPACITIES, TEACHERS, Budget, Schedule, schedule, study_config
 from .train import TrainConfig
 
@@ -75,11 +76,15 @@ def _kind(dataset: str) -> str:
 
 
 def teacher_config(arch: str, dataset: str, *, fast: bool = False, seed: int = 0, device: str = "cpu",
-                   steps: int | None = None) -> TrainConfig:
+                   steps: int | None = None, scale: str = "cpu") -> TrainConfig:
     """The teacher for ``arch`` ("glow" or "maf") on ``dataset``, trained to its validation plateau.
 
     Full-scale tabular teachers are :func:`flowlib.study.study_config`'s (the same configuration, so the
-    same cached checkpoint as notebook 10's study)."""
+    same cached checkpoint as notebook 10's study). ``scale`` "paper" or "official" gives the paper's
+    teacher on one of its sets instead (:func:`flowlib.paper_scale.paper_config`, with that budget)."""
+    if check_scale(scale) != "cpu":
+        config = paper_config(arch, dataset, "teacher", budget=scale, fast=fast, seed=seed, device=device)
+        return config.replace(steps=steps) if steps else config
     kind = _kind(dataset)
     sizes = (FAST_SIZES if fast else SIZES).get((arch, kind, "teacher"))
     if sizes is None:
@@ -98,10 +103,15 @@ def teacher_config(arch: str, dataset: str, *, fast: bool = False, seed: int = 0
 
 def student_config(arch: str, dataset: str, method: str = "nll", *, fast: bool = False, seed: int = 0,
                    teacher_seed: int = 0, device: str = "cpu", steps: int | None = None,
-                   lambdas: tuple | None = None) -> TrainConfig:
-    """A student for ``arch`` on ``dataset``: ``method`` "nll" (no distillation), "lkd", "ilkd" or "skd"."""
+                   lambdas: tuple | None = None, scale: str = "cpu") -> TrainConfig:
+    """A student for ``arch`` on ``dataset``: ``method`` "nll" (no distillation), "lkd", "ilkd" or "skd";
+    ``scale`` as for :func:`teacher_config`."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if check_scale(scale) != "cpu":
+        config = paper_config(arch, dataset, method, budget=scale, fast=fast, seed=seed,
+                              teacher_seed=teacher_seed, device=device, lambdas=lambdas)
+        return config.replace(steps=steps) if steps else config
     kind = _kind(dataset)
     if kind == "tabular" and not fast:  # the study's paper cell: paper capacity, every training row
         config = study_config(arch, method, dataset=dataset, seed=seed, device=device,
@@ -155,7 +165,7 @@ def _test_metric(model, dataset: str, seed: int, max_test: int | None = None) ->
 
 def evaluate_runs(arch: str, dataset: str, methods, seeds, *, fast: bool = False, device: str = "cpu",
                   checkpoint_root="checkpoints", teacher_seed: int = 0, max_test: int | None = None,
-                  progress: bool = True, failures: list | None = None) -> list[dict]:
+                  progress: bool = True, failures: list | None = None, scale: str = "cpu") -> list[dict]:
     """Train (or load) the teacher and every (method, seed) student; one row of test metrics per model.
 
     Rows: ``arch, dataset, model ("teacher" or the method), seed, params_k``, ``test_ll`` (tabular) or
@@ -163,13 +173,14 @@ def evaluate_runs(arch: str, dataset: str, methods, seeds, *, fast: bool = False
     (:func:`flowlib.train.convergence`: best and last evaluated step, patience or cap). Teachers are listed
     once, with ``seed = teacher_seed``.
     Given a ``failures`` list, a student run that diverges (:class:`flowlib.train.TrainingDiverged`) is
-    recorded there and left out of the rows instead of stopping everything.
+    recorded there and left out of the rows instead of stopping everything. ``scale``: see
+    :func:`teacher_config`.
     """
     from .metrics import parameter_count_k
     from .train import TrainingDiverged, convergence, train_or_load
 
     rows = []
-    teacher_cfg = teacher_config(arch, dataset, fast=fast, seed=teacher_seed, device=device)
+    teacher_cfg = teacher_config(arch, dataset, fast=fast, seed=teacher_seed, device=device, scale=scale)
     teacher, teacher_history = train_or_load(teacher_cfg, checkpoint_root=checkpoint_root, progress=progress)
     rows.append({"arch": arch, "dataset": dataset, "model": "teacher", "seed": teacher_seed,
                  "params_k": parameter_count_k(teacher), **convergence(teacher_history),
@@ -177,7 +188,7 @@ def evaluate_runs(arch: str, dataset: str, methods, seeds, *, fast: bool = False
     for method in methods:
         for seed in seeds:
             config = student_config(arch, dataset, method, fast=fast, seed=seed, teacher_seed=teacher_seed,
-                                    device=device)
+                                    device=device, scale=scale)
             try:
                 student, history = train_or_load(config, checkpoint_root=checkpoint_root, progress=progress)
             except TrainingDiverged as err:

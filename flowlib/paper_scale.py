@@ -16,6 +16,10 @@ Budgets (the paper and the official code disagree; both are offered, as named op
   (CelebA) images. Those files are not evidence of what produced the tables (the same commit's model
   configs give far fewer parameters than Table 2 prints), which is why the paper's text is the default.
 
+Training at this scale goes through the notebooks: their ``scale`` parameter ("paper" or "official", the
+budget) makes :func:`flowlib.experiments.teacher_config` and ``student_config`` return :func:`paper_config`'s
+runs, and ``python -m flowlib.run -f configs/paper.yaml`` runs notebooks 04-08 and 11 with it.
+
 Image models are counted on PyTorch's ``meta`` device (no memory, no time), so the 44M-parameter image
 teachers cost nothing here; the image students also run a batch of two on the CPU.
 """
@@ -29,13 +33,21 @@ from dataclasses import dataclass
 
 import torch
 
-from .models import PAPER_PARAMS_K, TABULAR_DIMS, count_parameters, from_preset
+from .models import PAPER_PARAMS_K, PRESETS, TABULAR_DIMS, count_parameters, from_preset
 
-__all__ = ["BUDGETS", "IMAGE_SETS", "TABULAR_SETS", "PaperModel", "dry_run", "main", "paper_models", "plan"]
+__all__ = ["BUDGETS", "FAST_STEPS", "IMAGE_SETS", "SCALES", "TABULAR_SETS", "PaperModel", "check_data",
+           "check_scale", "dry_run", "main", "paper_config", "paper_models", "plan", "preset_name"]
 
 TABULAR_SETS = ("power", "gas", "hepmass", "miniboone", "bsds300")
 IMAGE_SETS = ("cifar10", "celeba")  # each also the prefix of its presets
 TRAIN_SIZES = {"cifar10": 50_000, "celeba": 162_770}  # training images (torchvision's splits)
+
+#: the notebooks' ``scale`` parameter: "cpu" runs flowlib.experiments' CPU-sized models on MAGIC and
+#: fashion-mnist-16; "paper" and "official" run the paper's sets and Table 2/5 models with the paper's or the
+#: official code's budget (:data:`BUDGETS`)
+SCALES = ("cpu", "paper", "official")
+#: optimisation steps of every run at the paper's scale in fast mode: a smoke test of the whole pipeline
+FAST_STEPS = 2
 
 
 @dataclass(frozen=True)
@@ -91,12 +103,21 @@ def _train_size(dataset: str) -> int:
     return PUBLISHED_SIZES[dataset][0]
 
 
+def _steps_and_batch(dataset: str, budget: str) -> tuple[int, int, Budget]:
+    """Optimisation steps and batch size of ``budget`` on ``dataset`` (a batch never exceeds the set)."""
+    if budget not in BUDGETS:
+        raise ValueError(f"unknown budget {budget!r}; choose one of {', '.join(BUDGETS)}")
+    b = BUDGETS[budget]["tabular" if dataset in TABULAR_DIMS else dataset]
+    n = _train_size(dataset)
+    batch = min(b.batch_size, n)
+    steps = b.iterations if b.iterations is not None else b.epochs * math.ceil(n / batch)
+    return steps, batch, b
+
+
 def plan(model: PaperModel, budget: str = "paper") -> dict:
     """Parameter count (K, LU counted as Table 2 counts it for tabular GLOW) against the paper's, and the
     steps and batch size of ``budget`` for ``model``."""
-    if budget not in BUDGETS:
-        raise ValueError(f"unknown budget {budget!r}; choose one of {', '.join(BUDGETS)}")
-    b = BUDGETS[budget]["tabular" if model.shape else model.dataset]
+    steps, batch, b = _steps_and_batch(model.dataset, budget)
     if model.shape is None:  # image models: counted on the meta device (no memory, no time)
         with torch.device("meta"):
             flow = from_preset(model.preset)
@@ -105,12 +126,72 @@ def plan(model: PaperModel, budget: str = "paper") -> dict:
     lu = "free" if model.preset.startswith("tabular-glow") else "stored"
     ours = count_parameters(flow, lu=lu) / 1e3
     paper = PAPER_PARAMS_K[model.preset][model.dataset]
-    n = _train_size(model.dataset)
-    batch = min(b.batch_size, n)
-    steps = b.iterations if b.iterations is not None else b.epochs * math.ceil(n / batch)
     return {"model": model.preset, "dataset": model.dataset, "role": model.role, "params_k": ours,
             "paper_params_k": paper, "off": ours / paper - 1, "steps": steps, "batch_size": batch,
-            "lr": b.lr, "optimizer": b.optimizer, "train_rows": n}
+            "lr": b.lr, "optimizer": b.optimizer, "train_rows": _train_size(model.dataset)}
+
+
+def check_scale(scale: str) -> str:
+    """``scale`` itself, or a ``ValueError`` naming the choices."""
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}; choose one of {', '.join(SCALES)} ('cpu': the CPU-sized "
+                         f"models on magic and fashion-mnist-16; 'paper' / 'official': the paper's sets and "
+                         f"models with the paper's or the official code's budget)")
+    return scale
+
+
+def preset_name(arch: str, dataset: str, role: str) -> str:
+    """The :data:`flowlib.models.PRESETS` entry of the paper's ``role`` ("teacher" or "student") for
+    ``arch`` on ``dataset``; a ``ValueError`` if ``dataset`` is not one of the paper's sets."""
+    if dataset in TABULAR_DIMS:
+        return f"tabular-{arch}-{role}"
+    if dataset in IMAGE_SETS:
+        if arch != "glow":
+            raise ValueError(f"the paper's image models are GLOWs; {arch} is for tabular sets only")
+        return f"{dataset}-glow-{role}"
+    raise ValueError(f"{dataset!r} is not one of the paper's sets ({', '.join(TABULAR_SETS + IMAGE_SETS)}); "
+                     f"the paper's scale needs them (scale='cpu' runs the CPU-sized models on magic and "
+                     f"fashion-mnist-16)")
+
+
+def paper_config(arch: str, dataset: str, method: str = "teacher", *, budget: str = "paper",
+                 fast: bool = False, seed: int = 0, teacher_seed: int = 0, device: str = "auto",
+                 lambdas: tuple | None = None):
+    """The :class:`flowlib.train.TrainConfig` of the paper's teacher (``method="teacher"``) or student
+    (``"nll"``, ``"lkd"``, ``"ilkd"``, ``"skd"``) for ``arch`` on one of its sets: the Table 2/5 sizes
+    (:data:`flowlib.models.PRESETS`) and ``budget``'s steps, batch size, learning rate and optimizer (Adam is
+    AdamW without weight decay). The budget is fixed, as in the paper, with 20 validation evaluations along
+    the way; the best-validation weights are the ones kept (as the official code keeps its best checkpoint).
+    Warm-up is flowlib's 100 steps (the paper states none); SKD decodes as many samples as the batch (the
+    official code). ``fast``: the same models and data, :data:`FAST_STEPS` steps (a smoke test)."""
+    from .train import TrainConfig
+
+    role = "teacher" if method == "teacher" else "student"
+    preset = preset_name(arch, dataset, role)
+    sizes = {k: v for k, v in PRESETS[preset].items() if k not in ("arch", "shape")}
+    steps, batch, b = _steps_and_batch(dataset, budget)
+    steps = FAST_STEPS if fast else steps
+    image = dataset in IMAGE_SETS
+    name = f"{budget}-{dataset}-{arch}-{role}" + ("" if role == "teacher" else f"-{method}")
+    teacher = None
+    if role == "student" and method != "nll":
+        teacher = paper_config(arch, dataset, "teacher", budget=budget, fast=fast, seed=teacher_seed,
+                               device=device)
+    return TrainConfig(
+        name=name + ("-fast" if fast else ""), arch=arch, model_kwargs=sizes, dataset=dataset, steps=steps,
+        batch_size=batch, lr=b.lr, weight_decay=0.0 if b.optimizer == "Adam" else 0.01,
+        warmup_steps=min(100, steps // 10), eval_every=max(1, steps // 20),
+        eval_batch_size=256 if image else 8192, seed=seed,
+        device=device, method="nll" if role == "teacher" else method, lambdas=lambdas, teacher=teacher)
+
+
+def check_data(tabular=(), images=()) -> None:
+    """Open every set the paper-scale run needs (its validation split), so that a missing one raises its
+    ``DataNotAvailableError`` ("how to get it") before any training starts."""
+    from .data import load
+
+    for dataset in dict.fromkeys([*tabular, *images]):
+        load(dataset, "val")
 
 
 def _stand_in(dataset: str, rows: int = 4) -> torch.Tensor:
@@ -179,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flowlib.paper_scale",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", required=True,
-                        help="build, count and plan every model; train nothing (the only mode so far)")
+                        help="build, count and plan every model; train nothing (training at the paper's "
+                             "scale: python -m flowlib.run -f configs/paper.yaml)")
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="paper")
     parser.add_argument("--synthetic", action="store_true",
                         help="tiny stand-ins of each set instead of its data (no download needed)")

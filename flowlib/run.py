@@ -8,6 +8,8 @@ Examples:
     python -m flowlib.run --only 04 -p archs '[maf]'   # a list parameter takes a list
     python -m flowlib.run -f configs/cpu.yaml    # parameters from a file (a mapping of name -> value)
     python -m flowlib.run -f configs/cpu.yaml --jobs 2 --threads 1   # two notebooks at a time
+    python -m flowlib.run -f configs/paper.yaml  # the paper's sets and models (04-08, 11; a GPU)
+    python -m flowlib.run -f configs/paper.yaml --dry-run   # count and plan them, train nothing
 
 Executed notebooks go to runs/<timestamp>/. With --jobs N, N notebooks run at once, in order of their
 numbers; a notebook whose metadata says {"flowlib": {"run_after_others": true}} (the results notebook, which
@@ -525,9 +527,12 @@ def _main(args: argparse.Namespace, given: list[str], signals: _Signals) -> int:
             print(f"{p.stem}: " + ", ".join(f"{k}={v['default']}" for k, v in params.items()))
         return 0
     from_file = load_parameters_file(args.parameters_file) if args.parameters_file else {}
-    if from_file.get("scale") == "paper" or args.dry_run:
-        return _paper_scale(args, from_file)
     cli = {k: parse_value(v) for k, v in args.parameter}
+    scale = cli.get("scale", from_file.get("scale", "cpu"))
+    if args.dry_run:
+        return _paper_scale_dry_run(args, from_file, cli, scale)
+    if scale != "cpu":
+        notebooks, from_file, cli = _paper_scale_notebooks(args, notebooks, from_file, cli, scale)
     params = build_parameters(notebooks, cli, args.fast, known_from=discover(args.notebook_dir),
                               from_file=from_file, file_name=args.parameters_file or "",
                               cli_text=dict(args.parameter))
@@ -577,34 +582,83 @@ def _main(args: argparse.Namespace, given: list[str], signals: _Signals) -> int:
     return 0
 
 
-#: the keys of a paper-scale parameters file (configs/paper.yaml) and their flowlib.paper_scale arguments
-PAPER_SCALE_KEYS = {"scale": None, "tabular_datasets": "tabular", "image_datasets": "images",
-                    "archs": "archs", "budget": "budget", "synthetic": "synthetic"}
+#: keys of a paper-scale parameters file (configs/paper.yaml) that only the dry run reads, and its
+#: flowlib.paper_scale.dry_run arguments; the other keys are the notebooks' parameters
+DRY_RUN_KEYS = {"image_datasets": "images", "synthetic": "synthetic"}
 
 
-def _paper_scale(args: argparse.Namespace, from_file: dict) -> int:
-    """``-f configs/paper.yaml --dry-run``: :func:`flowlib.paper_scale.dry_run` of the file's sets."""
-    if from_file.get("scale") != "paper":
+def _paper_scale_dry_run(args: argparse.Namespace, from_file: dict, cli: dict, scale: str) -> int:
+    """``-f configs/paper.yaml --dry-run``: :func:`flowlib.paper_scale.dry_run` of the file's sets, with the
+    budget its ``scale`` names ("paper" or "official")."""
+    if scale not in ("paper", "official"):
         raise RunnerError("--dry-run plans the paper's scale: give it a paper-scale parameters file, e.g. "
-                          "-f configs/paper.yaml (one with 'scale: paper')")
-    if not args.dry_run:
-        raise RunnerError(f"{args.parameters_file} is the paper's scale, which the notebooks do not run yet: "
-                          f"add --dry-run to build, count and plan its models (python -m flowlib.paper_scale "
-                          f"--help)")
-    from_file = {**from_file, **{k: parse_value(v) for k, v in args.parameter}}  # -p wins, as for notebooks
-    unknown = sorted(set(from_file) - set(PAPER_SCALE_KEYS))
+                          "-f configs/paper.yaml (one with 'scale: paper' or 'scale: official')")
+    values = {**from_file, **cli}  # -p wins, as for notebooks
+    declared = [set(declared_parameters(p)) for p in discover(args.notebook_dir)]
+    known = set(DRY_RUN_KEYS).union(*declared)
+    unknown = sorted(set(values) - known)
     if unknown:
-        raise RunnerError(f"{args.parameters_file}: unknown paper-scale key(s) {unknown}; known: "
-                          f"{', '.join(PAPER_SCALE_KEYS)}")
+        raise RunnerError(f"{args.parameters_file or '-p'}: unknown key(s) {unknown}: neither a dry-run key "
+                          f"({', '.join(DRY_RUN_KEYS)}) nor a notebook parameter")
     from .data_sources import DataNotAvailableError
-    from .paper_scale import dry_run
+    from .paper_scale import IMAGE_SETS, TABULAR_SETS, dry_run
 
-    kwargs = {PAPER_SCALE_KEYS[k]: v for k, v in from_file.items() if PAPER_SCALE_KEYS[k]}
+    kwargs = {DRY_RUN_KEYS[k]: v for k, v in values.items() if k in DRY_RUN_KEYS}
+    kwargs.setdefault("images", [values["image_dataset"]] if "image_dataset" in values else list(IMAGE_SETS))
     try:
-        dry_run(**kwargs)
+        dry_run(tabular=values.get("tabular_datasets", TABULAR_SETS),
+                archs=values.get("archs", ("glow", "maf")), budget=scale, **kwargs)
     except (DataNotAvailableError, ValueError) as err:
         raise RunnerError(str(err)) from None
     return 0
+
+
+def _paper_scale_notebooks(args: argparse.Namespace, notebooks: list[Path], from_file: dict, cli: dict,
+                           scale: str) -> tuple[list[Path], dict, dict]:
+    """Before a paper-scale run (``scale`` "paper" or "official"): keep the notebooks that take a ``scale``
+    (04-08 and 11), send results and checkpoints to their own folders (``results/<scale>`` unless the file
+    names others; ``.../fast`` with ``--fast``), and check that every set is one of the paper's and on disk,
+    so that a missing one gives its "how to get it" error before anything trains."""
+    from .data_sources import DataNotAvailableError
+    from .paper_scale import check_data, check_scale, preset_name
+
+    try:
+        check_scale(scale)
+    except ValueError as err:
+        raise RunnerError(str(err)) from None
+    from_file = {k: v for k, v in from_file.items() if k not in DRY_RUN_KEYS}
+    roots = {"results_dir": "results", "checkpoint_dir": "checkpoints"}
+    folders = {key: str(cli.get(key, from_file.get(key, f"{root}/{scale}"))) for key, root in roots.items()}
+    for key, folder in folders.items():
+        if Path(folder).as_posix().rstrip("/") in (roots[key], f"{roots[key]}/fast"):
+            raise RunnerError(f"{key} {folder!r} holds the CPU-scale results: a paper-scale run writes to "
+                              f"its own folder (e.g. {roots[key]}/{scale})")
+    if args.fast:  # the same models and sets, a few steps each: a smoke test that never touches real results
+        folders = {key: f"{folder}/fast" for key, folder in folders.items()}
+    from_file = {**from_file, **folders, "fast": bool(args.fast)}
+    cli = {k: v for k, v in cli.items() if k not in folders}  # now in the file's values, with /fast
+    taking = [p for p in notebooks if "scale" in declared_parameters(p)]
+    if not taking:
+        raise RunnerError(f"none of {', '.join(p.stem for p in notebooks)} runs at the paper's scale; the "
+                          f"notebooks that do: 04-08 and 11")
+    left = [p.stem for p in notebooks if p not in taking]
+    if left:
+        print(f"at the paper's scale: {', '.join(p.stem for p in taking)}; not run: {', '.join(left)} (they "
+              f"have no paper-scale version: 01-03 do not train, 09 and 10 are not the paper's tables)",
+              flush=True)
+    values = {**from_file, **cli}
+    tabular = list(values.get("tabular_datasets", []))
+    image = values.get("image_dataset")
+    try:
+        for arch in values.get("archs", ("glow", "maf")):
+            for dataset in tabular:
+                preset_name(arch, dataset, "teacher")
+        if image is not None:
+            preset_name("glow", image, "teacher")
+        check_data(tabular, [image] if image else [])
+    except (DataNotAvailableError, ValueError) as err:
+        raise RunnerError(str(err)) from None
+    return taking, from_file, cli
 
 
 def _publish(results_dir: Path, names: list[str]) -> None:
