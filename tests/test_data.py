@@ -567,25 +567,38 @@ def _md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
-def write_cifar(root: Path, monkeypatch) -> tuple[np.ndarray, np.ndarray]:
-    from torchvision.datasets import CIFAR10
-
+def write_cifar_batches(root: Path, n_train: int = 10,
+                        n_test: int = 3) -> tuple[np.ndarray, np.ndarray, dict]:
+    """CIFAR-10's python batches under ``root/raw`` (``n_train`` images over the five training batches,
+    ``n_test`` in the test batch); returns the images and the md5 sums torchvision checks the files
+    against (``{"train": [[name, md5], ...], "test": [...], "meta": md5}``)."""
     folder = root / "raw" / "cifar-10-batches-py"
     folder.mkdir(parents=True)
     rng = np.random.default_rng(9)
-    train = rng.integers(0, 256, (10, 3, 32, 32), dtype=np.uint8)
-    test = rng.integers(0, 256, (3, 3, 32, 32), dtype=np.uint8)
-    files = [(f"data_batch_{i + 1}", train[2 * i: 2 * i + 2]) for i in range(5)] + [("test_batch", test)]
+    train = rng.integers(0, 256, (n_train, 3, 32, 32), dtype=np.uint8)
+    test = rng.integers(0, 256, (n_test, 3, 32, 32), dtype=np.uint8)
+    per = n_train // 5
+    files = [(f"data_batch_{i + 1}", train[per * i: per * (i + 1)]) for i in range(5)]
+    files.append(("test_batch", test))
     for fname, x in files:
         with open(folder / fname, "wb") as f:
             pickle.dump({"data": x.reshape(len(x), -1), "labels": list(range(len(x))),
                          "batch_label": fname, "filenames": [f"{fname}_{j}.png" for j in range(len(x))]}, f)
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump({"label_names": [f"class{j}" for j in range(10)]}, f)
+    sums = {"train": [[f, _md5(folder / f)] for f, _ in files[:5]],
+            "test": [["test_batch", _md5(folder / "test_batch")]], "meta": _md5(folder / "batches.meta")}
+    return train, test, sums
+
+
+def write_cifar(root: Path, monkeypatch) -> tuple[np.ndarray, np.ndarray]:
+    from torchvision.datasets import CIFAR10
+
+    train, test, sums = write_cifar_batches(root)
     # torchvision md5-checks every file: give it the checksums of these files
-    monkeypatch.setattr(CIFAR10, "train_list", [[f, _md5(folder / f)] for f, _ in files[:5]])
-    monkeypatch.setattr(CIFAR10, "test_list", [["test_batch", _md5(folder / "test_batch")]])
-    monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": _md5(folder / "batches.meta")})
+    monkeypatch.setattr(CIFAR10, "train_list", sums["train"])
+    monkeypatch.setattr(CIFAR10, "test_list", sums["test"])
+    monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": sums["meta"]})
     return train, test
 
 

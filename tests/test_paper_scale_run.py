@@ -8,13 +8,10 @@ The end-to-end run uses tiny files in the real formats (POWER's data.npy, CIFAR-
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import pickle
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,7 +22,7 @@ from flowlib.models import PRESETS, build_model, count_parameters, from_preset
 from flowlib.paper_scale import BUDGETS, FAST_STEPS, paper_config
 from flowlib.train import config_hash
 
-from .test_data import write_power
+from .test_data import write_cifar_batches, write_power
 
 PAPER_YAML = str(run.project_path("configs/paper.yaml"))
 
@@ -125,29 +122,6 @@ def test_a_paper_scale_run_refuses_the_cpu_folders_and_sets(tmp_path, monkeypatc
     assert "none of 09_self_normalizing_flows runs at the paper's scale" in capsys.readouterr().err
 
 
-def _write_cifar(root: Path) -> dict:
-    """CIFAR-10's python batches, 20 training and 40 test images (notebook 08 interpolates 16 pairs); returns
-    their md5 sums, which torchvision checks (the kernel learns them from the sitecustomize below)."""
-    folder = root / "raw" / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(9)
-    train = rng.integers(0, 256, (20, 3, 32, 32), dtype=np.uint8)
-    test = rng.integers(0, 256, (40, 3, 32, 32), dtype=np.uint8)
-    files = [(f"data_batch_{i + 1}", train[4 * i: 4 * i + 4]) for i in range(5)] + [("test_batch", test)]
-    for fname, x in files:
-        with open(folder / fname, "wb") as f:
-            pickle.dump({"data": x.reshape(len(x), -1), "labels": list(range(len(x))),
-                         "batch_label": fname, "filenames": [f"{fname}_{j}.png" for j in range(len(x))]}, f)
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": [f"class{j}" for j in range(10)]}, f)
-
-    def md5(name):
-        return hashlib.md5((folder / name).read_bytes()).hexdigest()
-
-    return {"train": [[f, md5(f)] for f, _ in files[:5]], "test": [["test_batch", md5("test_batch")]],
-            "meta": md5("batches.meta")}
-
-
 SITECUSTOMIZE = '''
 import json, os
 from torchvision.datasets import CIFAR10
@@ -161,7 +135,7 @@ def test_configs_paper_yaml_runs_notebooks_04_to_08_and_11_on_the_papers_models(
     """The whole paper-scale chain on POWER and CIFAR-10 (tiny files in their formats), --fast: the paper's
     Table 2/5 models, FAST_STEPS steps each, results and checkpoints in the run's own folders."""
     write_power(data_sources.maf_dir(tmp_path / "data"))
-    sums = _write_cifar(tmp_path / "data")
+    sums = write_cifar_batches(tmp_path / "data", n_train=20, n_test=40)[2]  # 08 interpolates 16 pairs
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
