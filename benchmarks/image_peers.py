@@ -23,11 +23,10 @@ import argparse
 import json
 import os
 import platform
-import random
 import statistics
-import time
 
 import torch
+from peers import interleaved  # benchmarks/peers.py: seeded random order every round
 
 from flowlib.models import Glow
 
@@ -60,21 +59,6 @@ def normflows_glow(shape, levels: int, depth: int, hidden: int):
 
 def free_parameters(module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
-
-
-def interleaved(calls: dict, repeats: int, warmup: int = 2, seed: int = 0) -> dict[str, list[float]]:
-    for fn in calls.values():
-        for _ in range(warmup):
-            fn()
-    times = {k: [] for k in calls}
-    order, rng = list(calls), random.Random(seed)
-    for _ in range(repeats):
-        rng.shuffle(order)
-        for k in order:
-            start = time.perf_counter()
-            calls[k]()
-            times[k].append(time.perf_counter() - start)
-    return times
 
 
 def bench(name: str, batch: int, repeats: int) -> list[dict]:

@@ -71,7 +71,6 @@ def main(argv=None) -> int:
     if args.one:
         print(json.dumps(measure_one(args.one[0], args.one[1], int(args.one[2]))))
         return 0
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from flowlib.paper_scale import paper_models
 
     rows = []

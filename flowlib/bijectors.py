@@ -325,22 +325,26 @@ class AffineCoupling(nn.Module):
     def extra_repr(self) -> str:
         return f"features={self.features}, conditioner={self.conditioner!r}"
 
-    def _shift_raw(self, x_a):
-        """The conditioner's two outputs (interleaved channels: even = shift, odd = raw scale), each computed
-        as its own contiguous tensor by splitting the last layer's weight rather than slicing its output.
-        Inside :func:`flowlib.precision.conditioner_precision` a training pass computes them under autocast
-        and returns them in ``x_a``'s dtype."""
+    def _shift_raw(self, x_a, reference: bool = False):
+        """The conditioner's two outputs (interleaved channels: even = shift, odd = raw scale): on the
+        reference path (``reference``, or the fast paths off) the network as written with its output sliced,
+        else :meth:`_conditioner`. Inside :func:`flowlib.precision.conditioner_precision` a training pass
+        computes them under autocast and returns them in ``x_a``'s dtype."""
+        net = self._reference_conditioner if reference or not fast_paths.enabled() else self._conditioner
         dtype = conditioner_dtype()
         if dtype is not None and dtype != x_a.dtype:
             with torch.autocast(x_a.device.type, dtype=dtype):
-                outs = self._conditioner(x_a)
+                outs = net(x_a)
             return tuple(o.to(x_a.dtype) for o in outs)
-        return self._conditioner(x_a)
+        return net(x_a)
+
+    def _reference_conditioner(self, x_a):
+        out = self.net(x_a)
+        return out[:, 0::2], out[:, 1::2]
 
     def _conditioner(self, x_a):
-        if not fast_paths.enabled():  # the reference: the network as written, its output sliced
-            out = self.net(x_a)
-            return out[:, 0::2], out[:, 1::2]
+        """The fast path's: each output computed as its own contiguous tensor (the last layer's weight split,
+        not its output sliced), linear outputs in scratch buffers during evaluation passes."""
         h = x_a
         for layer in self.net[:-1]:
             if isinstance(layer, nn.Linear):
@@ -360,8 +364,8 @@ class AffineCoupling(nn.Module):
         bias = torch.cat([last.bias[0::2], last.bias[1::2]])
         return tuple(t.contiguous() for t in F.conv2d(h, weight, bias, padding=last.padding).chunk(2, dim=1))
 
-    def _scale_shift(self, x_a):
-        shift, raw = self._shift_raw(x_a)
+    def _scale_shift(self, x_a, reference: bool = False):
+        shift, raw = self._shift_raw(x_a, reference)
         log_scale = F.logsigmoid(raw + self.offset) - F.logsigmoid(self.offset)
         return shift, log_scale
 
@@ -369,7 +373,7 @@ class AffineCoupling(nn.Module):
         """The layer in plain PyTorch (the fast path computes the same): ``y_b = (x_b + t) * s`` with
         ``s = sigmoid(r + 2) / sigmoid(2)``, ``log|det J| = sum log s``."""
         x_a, x_b = x.split([self.d_a, self.d_b], dim=1)
-        shift, log_scale = self._scale_shift(x_a)
+        shift, log_scale = self._scale_shift(x_a, reference=True)
         return torch.cat([x_a, (x_b + shift) * torch.exp(log_scale)], dim=1), _sum_except_batch(log_scale)
 
     def forward(self, x):

@@ -215,3 +215,25 @@ def test_the_switch_is_per_thread():
         worker.join()
         seen["this"] = fast_paths.enabled()
     assert seen == {"other": True, "this": False}
+
+
+def test_reference_methods_use_no_fast_path_even_with_the_fast_paths_on(monkeypatch):
+    coupling = _randomised(AffineCoupling(6, 16), torch.float64)
+    transform = _randomised(MaskedAffineAutoregressive(5, 16), torch.float64)
+    norm = _randomised(BatchNormFlow(5), torch.float64)
+    x6, x5 = _x((6,)), _x((5,))
+    with fast_paths.disabled():
+        expected = [coupling(x6), transform(x5), norm(x5), transform.inverse(x5)]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a fast path ran inside a reference method")
+
+    for node in (fused.AffineCouplingFn, fused.MadeAffineFn, fused.BatchNormFn):
+        monkeypatch.setattr(node, "apply", refuse)
+    monkeypatch.setattr(AffineCoupling, "_conditioner", refuse)
+    monkeypatch.setattr(MADE, "heads", refuse)
+    got = [coupling.reference_forward(x6), transform.reference_forward(x5), norm.reference_forward(x5),
+           transform.reference_inverse(x5)]
+    for (a, la), (b, lb) in zip(got, expected):
+        _close(a, b, 0.0)
+        _close(la, lb, 0.0)
