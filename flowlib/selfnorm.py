@@ -56,8 +56,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fast_paths
 from .bijectors import ActNorm, _cached_without_grad, cached_weights
 from .distill import freeze, latent_distance
+from .fused import SelfNormDenseFn
 from .models import Encoding, Flow, Glow, standard_normal_logprob
 
 __all__ = [
@@ -215,7 +217,31 @@ class _SelfNormLayer(nn.Module):
     def _selfnorm_active(self) -> bool:
         return (not self.exact) and self.training and torch.is_grad_enabled() and self.weight.requires_grad
 
+    def _fused(self) -> bool:
+        """Whether the training pass takes a fused node of :mod:`flowlib.fused` (subclasses that have one)."""
+        return False
+
     def forward(self, x: torch.Tensor):
+        if self._selfnorm_active() and self._fused():
+            self._check(x)
+            value = self._training_logdet_value(x)
+            y, self._recon, logdet = SelfNormDenseFn.apply(x, self.weight, self.inverse_weight,
+                                                           self.likelihood_grad == "split", value)
+            return y, logdet.expand(x.shape[0])
+        return self.reference_forward(x)
+
+    def _training_logdet_value(self, x: torch.Tensor) -> torch.Tensor:
+        """The log-det's value in a self-normalizing training pass: 0, or the exact one (no gradient) inside
+        :func:`exact_logdet_values`."""
+        if self.logdet_value_in_training:
+            with torch.no_grad():
+                return self._logdet_of(self.weight.detach(), x)
+        return x.new_zeros(())
+
+    def reference_forward(self, x: torch.Tensor):
+        """The layer in plain autograd terms (the code the module docstring describes); ``forward`` takes a
+        fused node instead where a subclass has one and :mod:`flowlib.fast_paths` are on (same values and
+        gradients, ``tests/test_reference_paths.py``)."""
         self._check(x)
         if not self._selfnorm_active():
             return self._apply_map(x, self.weight), self._exact_logdet(x).expand(x.shape[0])
@@ -225,11 +251,7 @@ class _SelfNormLayer(nn.Module):
         else:
             y = self._apply_map(x, self.weight)
         self._recon = self._reconstruction_error(x.detach())
-        if self.logdet_value_in_training:
-            with torch.no_grad():
-                value = self._logdet_of(self.weight.detach(), x)
-        else:
-            value = x.new_zeros(())
+        value = self._training_logdet_value(x)
         with torch.no_grad():
             grad_w = self._surrogate_grad(x)
             grad_r = -self._inverse_surrogate_grad(x) / 2 if split else torch.zeros_like(self.inverse_weight)
@@ -314,6 +336,9 @@ class SelfNormLinear(_SelfNormLayer):
     @staticmethod
     def _transpose_kernel(w):
         return w.T.contiguous()
+
+    def _fused(self) -> bool:
+        return fast_paths.enabled() and not self.sym_recon
 
     def _check(self, x):
         if x.dim() != 2 or x.shape[1] != self.features:

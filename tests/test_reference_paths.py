@@ -24,6 +24,7 @@ from flowlib.bijectors import (
 )
 from flowlib.distill import distillation_loss
 from flowlib.models import MAF, Glow
+from flowlib.selfnorm import SelfNormFC, SelfNormLinear, exact_logdet_values, selfnorm_loss
 
 IMAGE = (4, 4, 4)  # (C, H, W) for the image layers
 
@@ -40,6 +41,8 @@ LAYERS = {
     "invertible linear": (lambda: InvertibleLinear(6), (6,)),
     "invertible 1x1 conv": (lambda: InvertibleConv1x1(4), IMAGE),
 }
+
+FUSED_NODES = (fused.AffineCouplingFn, fused.MadeAffineFn, fused.BatchNormFn, fused.SelfNormDenseFn)
 
 MODELS = {
     "MAF": (lambda: MAF(5, depth=3, hidden=16), (5,)),
@@ -189,15 +192,17 @@ def test_disabled_turns_off_every_fast_path_and_restores_the_setting(monkeypatch
     def refuse(*args, **kwargs):
         raise AssertionError("a fused node ran with the fast paths disabled")
 
-    for node in (fused.AffineCouplingFn, fused.MadeAffineFn, fused.BatchNormFn):
+    for node in FUSED_NODES:
         monkeypatch.setattr(node, "apply", refuse)
     monkeypatch.setattr(fused.AffineCouplingFn, "compute", refuse)
+    snf = SelfNormFC(5, layers=2).train()
     with fast_paths.disabled():
         assert not fast_paths.enabled()
         with fast_paths.disabled():  # nested
             pass
         assert not fast_paths.enabled()
         (-maf.log_prob(_x((5,))).mean() - glow.log_prob(_x((6,))).mean()).backward()
+        (-snf.log_prob(_x((5,), dtype=torch.float32)).mean() + selfnorm_loss(snf)).backward()
         with torch.no_grad():
             arena = scratch.Arena()
             with scratch.using(arena, 32):
@@ -221,19 +226,58 @@ def test_reference_methods_use_no_fast_path_even_with_the_fast_paths_on(monkeypa
     coupling = _randomised(AffineCoupling(6, 16), torch.float64)
     transform = _randomised(MaskedAffineAutoregressive(5, 16), torch.float64)
     norm = _randomised(BatchNormFlow(5), torch.float64)
+    dense = _randomised(SelfNormLinear(5), torch.float64).train()
     x6, x5 = _x((6,)), _x((5,))
     with fast_paths.disabled():
-        expected = [coupling(x6), transform(x5), norm(x5), transform.inverse(x5)]
+        expected = [coupling(x6), transform(x5), norm(x5), transform.inverse(x5), dense(x5)]
 
     def refuse(*args, **kwargs):
         raise AssertionError("a fast path ran inside a reference method")
 
-    for node in (fused.AffineCouplingFn, fused.MadeAffineFn, fused.BatchNormFn):
+    for node in FUSED_NODES:
         monkeypatch.setattr(node, "apply", refuse)
     monkeypatch.setattr(AffineCoupling, "_conditioner", refuse)
     monkeypatch.setattr(MADE, "heads", refuse)
     got = [coupling.reference_forward(x6), transform.reference_forward(x5), norm.reference_forward(x5),
-           transform.reference_inverse(x5)]
+           transform.reference_inverse(x5), dense.reference_forward(x5)]
     for (a, la), (b, lb) in zip(got, expected):
         _close(a, b, 0.0)
         _close(la, lb, 0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("likelihood_grad", ["split", "forward"])
+@pytest.mark.parametrize("terms", ["likelihood and reconstruction", "likelihood only",
+                                   "exact log-det values"])
+def test_a_self_normalizing_training_step_has_the_same_gradients_on_both_paths(monkeypatch, dtype,
+                                                                               likelihood_grad, terms):
+    """The dense self-normalizing layer's fused node (``fused.SelfNormDenseFn``: six products instead of
+    eleven) against the reference's three autograd pieces: the loss, every parameter's gradient (surrogate
+    log-det gradients, split likelihood gradient, reconstruction) and the input's."""
+    model = _randomised(SelfNormFC(6, layers=3, recon_weight=0.7, likelihood_grad=likelihood_grad), dtype,
+                        std=0.4).train()
+    x = _x((6,), n=40, dtype=dtype).requires_grad_()
+    weights = torch.linspace(0.5, 1.5, 40, dtype=dtype)  # a non-uniform gradient reaching the latents
+    ran = []
+    apply = fused.SelfNormDenseFn.apply
+    monkeypatch.setattr(fused.SelfNormDenseFn, "apply", lambda *a: ran.append(1) or apply(*a))
+
+    def step(m):
+        xi = x.detach().clone().requires_grad_()
+        context = exact_logdet_values(m) if terms == "exact log-det values" else torch.enable_grad()
+        with context:
+            loss = -(m.log_prob(xi) * weights).mean()
+        if terms != "likelihood only":
+            loss = loss + selfnorm_loss(m)
+        loss.backward()
+        return loss.detach(), xi.grad
+
+    (loss_fast, gx_fast), (loss_ref, gx_ref), fast, ref = _both(model, step)
+    assert len(ran) == 3  # the fast path took the fused node in every dense layer, the reference none
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    _close(loss_fast, loss_ref, tol)
+    _close(gx_fast, gx_ref, tol)
+    g_fast, g_ref = _grads(fast), _grads(ref)
+    assert g_fast.keys() == g_ref.keys() and any("inverse_weight" in k for k in g_fast)
+    for k in g_fast:
+        _close(g_fast[k], g_ref[k], tol)
