@@ -140,17 +140,27 @@ def test_image_models_stopped_on_their_plateau_and_the_teacher_beats_every_stude
     assert _teacher_beats_every_student(rows)
 
 
-def test_image_fid_rows_say_where_their_models_stopped():
-    # notebook 08's FIDs were last measured on the earlier students (3 seeds, 15,000-step cap; the README says
-    # so) and its rows say that; the same teacher as notebook 06's
+def test_image_fid_rows_are_the_plateaued_students_of_notebook_06():
+    # notebook 08 scores the same image models as notebook 06 (the teacher, 5 paired seeds of plain and ILKD
+    # students, every one stopped on its validation plateau) and measures its FIDs on them
     rows = _load("08_evaluation")["results"]["image_rows"]
-    (teacher,) = [row for row in rows if row["model"] == "teacher"]
-    (teacher06,) = [row for row in _load("06_ilkd")["results"]["image_rows"] if row["model"] == "teacher"]
-    assert teacher["test_bpd"] == pytest.approx(teacher06["test_bpd"], abs=1e-9)
+    rows06 = _load("06_ilkd")["results"]["image_rows"]
+    key = lambda row: (row["model"], row["seed"])  # noqa: E731
+    assert sorted(map(key, rows)) == sorted(map(key, rows06))
+    assert {m: sum(r["model"] == m for r in rows) for m in ("teacher", "nll", "ilkd")} == {
+        "teacher": 1, "nll": 5, "ilkd": 5}
+    by_key = {key(r): r for r in rows06}
     for row in rows:
-        assert row["best_step"] <= row["last_step"] and row["stopped_by"] in ("patience", "steps"), row
+        assert row["test_bpd"] == pytest.approx(by_key[key(row)]["test_bpd"], abs=1e-9), row
+        assert row["best_step"] < row["last_step"] and row["stopped_by"] == "patience", row
         assert row["n_test"] == 10_000, row
     assert _teacher_beats_every_student(rows)
+    table4 = {t["model"]: t for t in _load("08_evaluation")["results"]["table4"]}
+    assert set(table4) == {"Teacher", "Student", "ILKD Student"}
+    for label, model in (("Student", "nll"), ("ILKD Student", "ilkd")):
+        assert sorted(table4[label]["bpd_values"]) == pytest.approx(
+            sorted(r["test_bpd"] for r in rows if r["model"] == model), abs=1e-12)
+    assert all(t["fid_n_real"] == t["fid_n_fake"] == 500 and t["fid"] > 0 for t in table4.values())
 
 
 def test_verdicts_figures_and_report_exist():
