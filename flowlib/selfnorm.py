@@ -331,14 +331,7 @@ class SelfNormLinear(_SelfNormLayer):
     def __init__(self, dim: int, exact: bool = False, recon_weight: float = 1.0, **options):
         if dim < 1:
             raise ValueError(f"SelfNormLinear needs dim >= 1, got {dim}")
-        weight = _orthogonal(dim)
-        if not exact:
-            # W stored column-major (W.T contiguous), R row-major: each one's surrogate log-det gradient is
-            # the other's transpose, so this way round both gradients are formed without a transposing copy
-            # (flowlib.fused.SelfNormDenseFn). Values, state_dict keys and shapes are as for any layout;
-            # the exact twin keeps the usual row-major W.
-            weight = weight.T.contiguous().T
-        super().__init__(dim, weight, exact, recon_weight, **options)
+        super().__init__(dim, _orthogonal(dim), exact, recon_weight, **options)
 
     @staticmethod
     def _transpose_kernel(w):

@@ -584,21 +584,3 @@ def test_selfnorm_options_are_checked():
     assert SelfNormGlow((4,), depth=1, hidden=4).steps[0].mix.recon_weight == 100.0  # official Glow default
     assert SelfNormFC(4).blocks[0][1].recon_weight == 1.0  # official FC default
 
-
-def test_dense_layer_gradients_come_in_their_parameters_layout_and_any_layout_loads():
-    """``W`` is stored column-major and ``R`` row-major so that the fused training node forms each gradient
-    without a transposing copy: the gradients autograd stores have the parameters' own strides. A state_dict
-    with a row-major ``W`` (written before that layout) loads into the layer with the same values."""
-    layer = SelfNormLinear(6).train()
-    assert layer.weight.stride() == (1, 6) and layer.inverse_weight.stride() == (6, 1)
-    x = torch.randn(9, 6)
-    z, logdet = layer(x)
-    (0.5 * z.square().sum() - logdet.sum() + selfnorm_loss(layer)).backward()
-    assert layer.weight.grad.stride() == layer.weight.stride()
-    assert layer.inverse_weight.grad.stride() == layer.inverse_weight.stride()
-    old = {k: v.contiguous() for k, v in perturb(layer, 0.1).state_dict().items()}
-    fresh = SelfNormLinear(6).eval()
-    fresh.load_state_dict(old)
-    assert torch.equal(fresh.weight, old["weight"]) and fresh.weight.stride() == (1, 6)
-    layer.eval()
-    assert torch.allclose(fresh(x)[0], layer(x)[0]) and torch.allclose(fresh(x)[1], layer(x)[1])
