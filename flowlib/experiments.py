@@ -75,6 +75,12 @@ def _kind(dataset: str) -> str:
     return info(dataset).kind
 
 
+def _paper(arch: str, dataset: str, method: str, scale: str, steps: int | None, **kwargs) -> TrainConfig:
+    """:func:`flowlib.paper_scale.paper_config` with ``scale`` as its budget, ``steps`` overriding it."""
+    config = paper_config(arch, dataset, method, budget=scale, **kwargs)
+    return config.replace(steps=steps) if steps else config
+
+
 def teacher_config(arch: str, dataset: str, *, fast: bool = False, seed: int = 0, device: str = "cpu",
                    steps: int | None = None, scale: str = "cpu") -> TrainConfig:
     """The teacher for ``arch`` ("glow" or "maf") on ``dataset``, trained to its validation plateau.
@@ -83,8 +89,7 @@ def teacher_config(arch: str, dataset: str, *, fast: bool = False, seed: int = 0
     same cached checkpoint as notebook 10's study). ``scale`` "paper" or "official" gives the paper's
     teacher on one of its sets instead (:func:`flowlib.paper_scale.paper_config`, with that budget)."""
     if check_scale(scale) != "cpu":
-        config = paper_config(arch, dataset, "teacher", budget=scale, fast=fast, seed=seed, device=device)
-        return config.replace(steps=steps) if steps else config
+        return _paper(arch, dataset, "teacher", scale, steps, fast=fast, seed=seed, device=device)
     kind = _kind(dataset)
     sizes = (FAST_SIZES if fast else SIZES).get((arch, kind, "teacher"))
     if sizes is None:
@@ -109,9 +114,8 @@ def student_config(arch: str, dataset: str, method: str = "nll", *, fast: bool =
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if check_scale(scale) != "cpu":
-        config = paper_config(arch, dataset, method, budget=scale, fast=fast, seed=seed,
-                              teacher_seed=teacher_seed, device=device, lambdas=lambdas)
-        return config.replace(steps=steps) if steps else config
+        return _paper(arch, dataset, method, scale, steps, fast=fast, seed=seed, teacher_seed=teacher_seed,
+                      device=device, lambdas=lambdas)
     kind = _kind(dataset)
     if kind == "tabular" and not fast:  # the study's paper cell: paper capacity, every training row
         config = study_config(arch, method, dataset=dataset, seed=seed, device=device,

@@ -217,18 +217,14 @@ class _SelfNormLayer(nn.Module):
     def _selfnorm_active(self) -> bool:
         return (not self.exact) and self.training and torch.is_grad_enabled() and self.weight.requires_grad
 
-    def _fused(self) -> bool:
-        """Whether the training pass takes a fused node of :mod:`flowlib.fused` (subclasses that have one)."""
-        return False
+    def _fused_training(self, x: torch.Tensor):
+        """A subclass's fused training pass (a node of :mod:`flowlib.fused`): ``(y, logdet)``, or None to
+        take :meth:`reference_forward`."""
+        return None
 
     def forward(self, x: torch.Tensor):
-        if self._selfnorm_active() and self._fused():
-            self._check(x)
-            value = self._training_logdet_value(x)
-            y, self._recon, logdet = SelfNormDenseFn.apply(x, self.weight, self.inverse_weight,
-                                                           self.likelihood_grad == "split", value)
-            return y, logdet.expand(x.shape[0])
-        return self.reference_forward(x)
+        out = self._fused_training(x) if self._selfnorm_active() else None
+        return self.reference_forward(x) if out is None else out
 
     def _training_logdet_value(self, x: torch.Tensor) -> torch.Tensor:
         """The log-det's value in a self-normalizing training pass: 0, or the exact one (no gradient) inside
@@ -337,8 +333,14 @@ class SelfNormLinear(_SelfNormLayer):
     def _transpose_kernel(w):
         return w.T.contiguous()
 
-    def _fused(self) -> bool:
-        return fast_paths.enabled() and not self.sym_recon
+    def _fused_training(self, x):
+        if not fast_paths.enabled() or self.sym_recon:
+            return None
+        self._check(x)
+        value = self._training_logdet_value(x)
+        y, self._recon, logdet = SelfNormDenseFn.apply(x, self.weight, self.inverse_weight,
+                                                       self.likelihood_grad == "split", value)
+        return y, logdet.expand(x.shape[0])
 
     def _check(self, x):
         if x.dim() != 2 or x.shape[1] != self.features:

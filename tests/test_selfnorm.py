@@ -583,4 +583,3 @@ def test_selfnorm_options_are_checked():
         SelfNormLinear(3, recon_lr=-1.0)
     assert SelfNormGlow((4,), depth=1, hidden=4).steps[0].mix.recon_weight == 100.0  # official Glow default
     assert SelfNormFC(4).blocks[0][1].recon_weight == 1.0  # official FC default
-
