@@ -331,12 +331,13 @@ def print_table(rows):
         print(f"{k[0]:5} {k[1]:>3} {k[2]:10} {k[3]:>5} | " + " | ".join(cells) + " | " + "  ".join(ratios))
 
 
-def keep_heap(mmap_threshold: int = 64 << 20, trim_threshold: int = 512 << 20) -> None:
+def keep_heap(mmap_threshold: int = 64 << 20, trim_threshold: int = 512 << 20, mmap: bool = True) -> None:
     """Make glibc serve allocations up to ``mmap_threshold`` bytes from the heap and keep up to
     ``trim_threshold`` bytes of freed heap instead of returning it. By default glibc gives the top of the
     heap back after every training step (the step frees its activations) and the next step faults the pages
-    in again, 2,000-5,000 minor faults per MAF step at batch 8192. Process-wide: every library is timed
-    under the same setting."""
+    in again, 2,000-5,000 minor faults per MAF step at batch 8192. ``mmap=False`` serves every allocation,
+    however large, from the heap (glibc maps blocks above 32 MB on their own whatever the threshold, and
+    unmaps them when freed). Process-wide: every library is timed under the same setting."""
     import ctypes
     import ctypes.util
 
@@ -347,6 +348,9 @@ def keep_heap(mmap_threshold: int = 64 << 20, trim_threshold: int = 512 << 20) -
     m_trim, m_mmap = -1, -3  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD in glibc's malloc.h
     if not (libc.mallopt(m_mmap, mmap_threshold) and libc.mallopt(m_trim, trim_threshold)):
         raise SystemExit("mallopt refused the thresholds; run without --keep-heap")
+    m_mmap_max = -4  # M_MMAP_MAX: how many blocks glibc may map on their own
+    if not mmap and not libc.mallopt(m_mmap_max, 0):
+        raise SystemExit("mallopt refused M_MMAP_MAX = 0; run without --keep-heap")
 
 
 def main(argv=None):

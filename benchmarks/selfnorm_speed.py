@@ -18,7 +18,10 @@ its defaults (``--optimizer adam``, on a CPU the per-tensor loop: about ten pass
 parameter and its moments, a large part of the SNF step at D = 4096, twice the exact step's since SNF has
 two matrices) or ``Adam(fused=True)`` (``--optimizer adam-fused``, one pass). The speed-up is printed at
 D = 784 (MNIST's dimension, the paper's), 2048 and 4096. The exact step's LU factorisation and solve grow as
-D^3, the SNF step as N D^2, so the speed-up grows with D / N. Usage::
+D^3, the SNF step as N D^2, so the speed-up grows with D / N. ``--keep-heap`` serves every allocation from
+glibc's heap and keeps freed memory (``peers.keep_heap``): by default each fresh (D, D) tensor of a step (the
+gradients, Adam's temporaries) is a new 64 MB mapping at D = 4096 whose pages are faulted in on first write,
+~20 ms each. Usage::
 
     python benchmarks/selfnorm_speed.py            # D = 256 ... 4096 and 784, a few minutes
     python benchmarks/selfnorm_speed.py --dims 256 512 --repeats 5 --threads 2
@@ -85,12 +88,20 @@ def main(argv=None) -> dict:
                     help="the SNF layer's likelihood gradient (default: the official split)")
     ap.add_argument("--optimizer", default="adam", choices=["adam", "adam-fused"],
                     help="torch.optim.Adam with its defaults, or Adam(fused=True) (same for every method)")
+    ap.add_argument("--keep-heap", action="store_true",
+                    help="serve every allocation from glibc's heap and keep freed memory (no page faults on "
+                         "re-allocated (D, D) tensors); process-wide, both methods under it")
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.keep_heap:
+        from peers import keep_heap  # benchmarks/peers.py
+
+        keep_heap(mmap=False)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, float32, CPU, "
-          f"optimizer {args.optimizer}, SNF likelihood gradient {args.likelihood_grad}")
+          f"optimizer {args.optimizer}, SNF likelihood gradient {args.likelihood_grad}"
+          + ("; heap kept (--keep-heap)" if args.keep_heap else ""))
     print("wall: median wall-clock step time; cpu: median process CPU time (all threads), less sensitive to")
     print("other processes sharing the cores; speed-up = exact / SNF (flowlib's fast path); ref = SNF on its")
     print("plain-autograd reference (fast paths disabled)")
@@ -128,7 +139,8 @@ def main(argv=None) -> dict:
         del steps
     dims = [r["dim"] for r in rows]
     out = {"rows": rows, "batch": args.batch, "threads": torch.get_num_threads(),
-           "likelihood_grad": args.likelihood_grad, "optimizer": args.optimizer, "torch": torch.__version__}
+           "likelihood_grad": args.likelihood_grad, "optimizer": args.optimizer, "keep_heap": args.keep_heap,
+           "torch": torch.__version__}
     for clock, suffix in (("wall", "_s"), ("cpu", "_cpu_s")):
         if len(rows) >= 2:
             out[f"exponent_{clock}"] = {k: slope(dims, [r[k + suffix] for r in rows]) for k in METHODS}

@@ -216,8 +216,8 @@ class InvertibleLinear(nn.Module):
 
     @staticmethod
     def _mix(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 4:
-            return F.conv2d(x, w.view(*w.shape, 1, 1))
+        if x.dim() == 4:  # Eq. 7: a 1x1 convolution (the fast path computes it as a batched matrix product)
+            return fused.mix_channels(x, w) if fast_paths.enabled() else F.conv2d(x, w.view(*w.shape, 1, 1))
         return x @ w.T
 
 
@@ -345,6 +345,16 @@ class AffineCoupling(nn.Module):
     def _conditioner(self, x_a):
         """The fast path's: each output computed as its own contiguous tensor (the last layer's weight split,
         not its output sliced), linear outputs in scratch buffers during evaluation passes."""
+        last = self.net[-1]
+        if isinstance(last, nn.Conv2d):
+            # images: one convolution with the output channels regrouped (all shifts, then all raw scales),
+            # its output cut in two contiguous tensors; two half-size convolutions made a GLOW training step
+            # ~19% slower, most of it in their backward passes (benchmarks/image_peers.py). The whole network
+            # runs channels-last (fused.channels_last_conv_stack).
+            weight = torch.cat([last.weight[0::2], last.weight[1::2]])
+            bias = torch.cat([last.bias[0::2], last.bias[1::2]])
+            h = fused.channels_last_conv_stack(self.net[:-1], x_a)
+            return fused.ContiguousHalvesFn.apply(F.conv2d(h, weight, bias, padding=last.padding))
         h = x_a
         for layer in self.net[:-1]:
             if isinstance(layer, nn.Linear):
@@ -353,16 +363,7 @@ class AffineCoupling(nn.Module):
                 h = h.tanh_()  # in place on the fresh linear output, as ReLU(inplace=True) is
             else:
                 h = layer(h)
-        last = self.net[-1]
-        if isinstance(last, nn.Linear):
-            return tuple(_linear(h, last.weight[k::2], last.bias[k::2]) for k in (0, 1))
-        # images: one convolution with the output channels regrouped (all shifts, then all raw scales), its
-        # output cut in two contiguous tensors; two half-size convolutions made a GLOW training step ~19%
-        # slower, most of it in their backward passes (benchmarks/image_peers.py). The values are the same bit
-        # for bit. (Contiguous halves: the elementwise kernels then round exactly as on the training path.)
-        weight = torch.cat([last.weight[0::2], last.weight[1::2]])
-        bias = torch.cat([last.bias[0::2], last.bias[1::2]])
-        return tuple(t.contiguous() for t in F.conv2d(h, weight, bias, padding=last.padding).chunk(2, dim=1))
+        return tuple(_linear(h, last.weight[k::2], last.bias[k::2]) for k in (0, 1))
 
     def _scale_shift(self, x_a, reference: bool = False):
         shift, raw = self._shift_raw(x_a, reference)

@@ -32,10 +32,9 @@ import threading
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from . import fast_paths, scratch
+from . import fast_paths, fused, scratch
 from .bijectors import (
     COUPLING_CONDITIONERS,
     ActNorm,
@@ -288,7 +287,7 @@ class FlowStep(nn.Module):
         w = self.mix._matrix(inverse=False)
         w_a, bias = w * a, w @ (-self.actnorm.bias * a)
         if x.dim() == 4:
-            x = F.conv2d(x, w_a.view(*w_a.shape, 1, 1), bias)
+            x = fused.mix_channels(x, w_a, bias)
         else:
             x = torch.addmm(bias, x, w_a.T, out=scratch.out(x.shape, x))
         pixels = x.shape[2] * x.shape[3] if x.dim() == 4 else 1

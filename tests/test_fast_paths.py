@@ -20,7 +20,7 @@ from flowlib.bijectors import (
     BatchNormFlow,
     MaskedAffineAutoregressive,
 )
-from flowlib.fused import AffineCouplingFn, BatchNormFn, MadeAffineFn
+from flowlib.fused import AffineCouplingFn, BatchNormFn, MadeAffineFn, channels_last_conv_stack, mix_channels
 from flowlib.models import MAF, Glow
 
 
@@ -109,6 +109,34 @@ def _made_reference(made: MADE, x: torch.Tensor) -> torch.Tensor:
     for layer in made.net:
         h = F.linear(h, layer.weight * layer.mask, layer.bias) if hasattr(layer, "mask") else torch.relu(h)
     return h.view(x.shape[0], made.n_outputs, made.features)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(3, 4, 5, 2), (2, 1, 1, 1), (0, 3, 2, 2)])
+def test_mix_channels_is_the_1x1_convolution_with_its_gradients(shape, bias):
+    g = torch.Generator().manual_seed(0)
+    c = shape[1]
+    x = torch.randn(*shape, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(c, c, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(c, dtype=torch.float64, generator=g, requires_grad=True) if bias else None
+    got, want = mix_channels(x, w, b), F.conv2d(x, w.view(c, c, 1, 1), b)
+    assert got.shape == want.shape and got.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    if x.shape[0]:
+        inputs = (x, w) + ((b,) if bias else ())
+        assert torch.autograd.gradcheck(lambda *t: mix_channels(*t), inputs)
+
+
+def test_a_channels_last_conv_stack_computes_what_the_layers_compute():
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(torch.nn.Conv2d(2, 8, 3, padding=1), torch.nn.ReLU(inplace=True),
+                                 torch.nn.Conv2d(8, 8, 1), torch.nn.ReLU(inplace=True)).double()
+    x = torch.randn(4, 2, 5, 5, dtype=torch.float64, requires_grad=True)
+    got = channels_last_conv_stack(layers, x)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, layers(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(got.square().sum(), x)[0],
+                               torch.autograd.grad(layers(x).square().sum(), x)[0], rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("features,hidden", [(63, 32), (6, 16), (1, 4)])

@@ -188,6 +188,7 @@ def test_a_distilled_float32_step_has_the_same_gradients_on_both_paths(method):
 
 def test_disabled_turns_off_every_fast_path_and_restores_the_setting(monkeypatch):
     maf, glow = _initialised("MAF")[0].train(), _initialised("Glow (tabular, mlp)")[0]
+    image = _initialised("Glow (image)")[0]
 
     def refuse(*args, **kwargs):
         raise AssertionError("a fused node ran with the fast paths disabled")
@@ -195,6 +196,8 @@ def test_disabled_turns_off_every_fast_path_and_restores_the_setting(monkeypatch
     for node in FUSED_NODES:
         monkeypatch.setattr(node, "apply", refuse)
     monkeypatch.setattr(fused.AffineCouplingFn, "compute", refuse)
+    monkeypatch.setattr(fused, "mix_channels", refuse)
+    monkeypatch.setattr(fused, "channels_last_conv_stack", refuse)
     snf = SelfNormFC(5, layers=2).train()
     with fast_paths.disabled():
         assert not fast_paths.enabled()
@@ -202,6 +205,10 @@ def test_disabled_turns_off_every_fast_path_and_restores_the_setting(monkeypatch
             pass
         assert not fast_paths.enabled()
         (-maf.log_prob(_x((5,))).mean() - glow.log_prob(_x((6,))).mean()).backward()
+        image.log_prob(_x((1, 8, 8))).mean().backward()
+        image.eval()
+        with torch.no_grad():
+            image.decode(image.encode(_x((1, 8, 8))).z)
         (-snf.log_prob(_x((5,), dtype=torch.float32)).mean() + selfnorm_loss(snf)).backward()
         with torch.no_grad():
             arena = scratch.Arena()
