@@ -3,7 +3,8 @@
 For MAF (``--blocks`` blocks of MADE(2 x ``--hidden``)) and a tabular Glow (the same number of steps: ActNorm,
 LU linear, affine coupling with an MLP(2 x hidden) conditioner) at D = 10 and 63, times
 
-* a training step: ``-log_prob(x).mean()``, backward, Adam step (batch 512 and 8192),
+* a training step: ``-log_prob(x).mean()``, backward, Adam step (batch 512 and 8192; ``--optimizer``: torch's
+  default Adam, the multi-tensor ``foreach`` kernels ``flowlib.train`` uses, or ``fused``, for every library),
 * ``log_prob`` under ``torch.inference_mode`` (batch 512 and 8192),
 * sampling 8192 points (eval mode; MAF decodes its D features one after another).
 
@@ -21,7 +22,8 @@ Peer libraries are the ``bench`` extra: ``pip install -e .[bench]``. A library t
 skipped with a note. Usage::
 
     python benchmarks/peers.py [--threads 1] [--repeats 15] [--dims 10 63] [--batches 512 8192]
-                               [--sample 8192] [--keep-heap] [--json results/benchmarks/peers.json]
+                               [--sample 8192] [--keep-heap] [--optimizer adam-foreach]
+                               [--json results/benchmarks/peers.json]
 """
 
 from __future__ import annotations
@@ -255,8 +257,15 @@ def warm_init(adapters: dict[str, Adapter], x: torch.Tensor) -> None:
             a.log_prob(x)
 
 
+OPTIMIZERS = {  # --optimizer: the same for every library
+    "adam": {},  # torch's defaults: on a CPU the per-tensor loop
+    "adam-foreach": {"foreach": True},  # the multi-tensor kernels flowlib.train uses
+    "adam-fused": {"fused": True},
+}
+
+
 def bench_case(names, arch, d, blocks, hidden, batches, sample_n, repeats, seed=0,
-               ops=("train", "log_prob", "sample")):
+               ops=("train", "log_prob", "sample"), optimizer="adam"):
     rows = []
     gen = torch.Generator().manual_seed(seed)
     for batch in batches if {"train", "log_prob"} & set(ops) else []:
@@ -267,7 +276,8 @@ def bench_case(names, arch, d, blocks, hidden, batches, sample_n, repeats, seed=
         for a in adapters.values():
             a.module.train()
         if "train" in ops:
-            opts = {n: torch.optim.Adam(a.module.parameters(), lr=1e-4) for n, a in adapters.items()}
+            opts = {n: torch.optim.Adam(a.module.parameters(), lr=1e-4, **OPTIMIZERS[optimizer])
+                    for n, a in adapters.items()}
             times = interleaved({n: train_step(a, x, opts[n]) for n, a in adapters.items()}, repeats)
             rows += _rows(adapters, times, arch, d, "train step", batch)
         for a in adapters.values():
@@ -369,6 +379,9 @@ def main(argv=None):
     p.add_argument("--keep-heap", action="store_true",
                    help="stop glibc from returning freed memory to the system (for every library in the "
                         "process): times without the page faults of re-growing the heap every step")
+    p.add_argument("--optimizer", default="adam", choices=list(OPTIMIZERS),
+                   help="the training step's Adam for every library: torch's defaults (a per-tensor loop on "
+                        "a CPU), the multi-tensor kernels flowlib.train uses (adam-foreach), or fused")
     p.add_argument("--json", help="also write the rows to this JSON file")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -380,12 +393,12 @@ def main(argv=None):
     print(f"torch {torch.__version__}, {args.threads} thread(s), {platform.machine()} "
           f"with {os.cpu_count()} cpus; "
           f"{args.blocks} blocks, hidden {args.hidden}; medians of {args.repeats} interleaved repeats"
-          + ("; heap kept (--keep-heap)" if args.keep_heap else ""))
+          + ("; heap kept (--keep-heap)" if args.keep_heap else "") + f"; optimizer {args.optimizer}")
     rows = []
     for arch in args.archs:
         for d in args.dims:
             rows += bench_case(names, arch, d, args.blocks, args.hidden, args.batches, args.sample,
-                               args.repeats, ops=args.ops)
+                               args.repeats, ops=args.ops, optimizer=args.optimizer)
     print_table(rows)
     notes = {(r["arch"], r["library"]): r["note"] for r in rows if r["note"]}
     for (arch, lib), note in sorted(notes.items()):
@@ -394,7 +407,7 @@ def main(argv=None):
         from flowlib.results import atomic_write_json
 
         atomic_write_json(args.json, {"threads": args.threads, "torch": torch.__version__,
-                                      "keep_heap": args.keep_heap,
+                                      "keep_heap": args.keep_heap, "optimizer": args.optimizer,
                                       "machine": f"{platform.machine()} ({os.cpu_count()} cpus)",
                                       "rows": rows, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     return rows
