@@ -20,7 +20,14 @@ from flowlib.bijectors import (
     BatchNormFlow,
     MaskedAffineAutoregressive,
 )
-from flowlib.fused import AffineCouplingFn, BatchNormFn, MadeAffineFn, channels_last_conv_stack, mix_channels
+from flowlib.fused import (
+    AffineCouplingFn,
+    BatchNormFn,
+    MadeAffineFn,
+    channels_last_conv_stack,
+    mix_channels,
+    transposed,
+)
 from flowlib.models import MAF, Glow
 
 
@@ -137,6 +144,46 @@ def test_a_channels_last_conv_stack_computes_what_the_layers_compute():
     torch.testing.assert_close(got, layers(x), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(torch.autograd.grad(got.square().sum(), x)[0],
                                torch.autograd.grad(layers(x).square().sum(), x)[0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("min_bytes", [1, 10 ** 12], ids=["side by side / zero-filled", "plain copies"])
+def test_transposed_copies_equal_the_transposes_bit_for_bit(min_bytes, dtype):
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(*s, generator=g, dtype=dtype, requires_grad=True) for s in ((7, 5), (6, 6)))
+    for matrices in ([a, b], [a, None], [None, b], [None, None], [b]):
+        got = transposed(matrices, min_bytes=min_bytes)
+        assert len(got) == len(matrices)
+        for m, t in zip(matrices, got):
+            if m is None:
+                assert t is None
+            else:  # contiguous, no autograd history, the values of m.T
+                assert t.is_contiguous() and t.grad_fn is None and not t.requires_grad
+                assert torch.equal(t, m.detach().T)
+    # then a product accumulated into the copy is torch.addmm of the transpose, bit for bit
+    x, y = torch.randn(5, 3, generator=g, dtype=dtype), torch.randn(3, 7, generator=g, dtype=dtype)
+    got = transposed([a.detach()], min_bytes=min_bytes)[0].addmm_(x, y, beta=-0.5)
+    assert torch.equal(got, torch.addmm(a.detach().T, x, y, beta=-0.5))
+
+
+def _transpose_in_child(a, b):
+    torch.set_num_threads(2)  # (a forked child may start with one; the side-by-side copy needs two)
+    return transposed([a, b], min_bytes=1)
+
+
+def test_transposed_works_in_a_forked_child_after_the_parent_used_its_worker():
+    import multiprocessing
+
+    a, b = torch.randn(4, 3), torch.randn(3, 3)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        transposed([a, b], min_bytes=1)  # the parent's worker thread now exists
+    finally:
+        torch.set_num_threads(threads)
+    with multiprocessing.get_context("fork").Pool(1) as pool:  # (the child's copy of it has no thread)
+        got = pool.apply_async(_transpose_in_child, (a, b)).get(timeout=60)
+    assert torch.equal(got[0], a.T) and torch.equal(got[1], b.T)
 
 
 @pytest.mark.parametrize("features,hidden", [(63, 32), (6, 16), (1, 4)])
