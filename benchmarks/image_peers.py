@@ -1,4 +1,4 @@
-"""flowlib's image GLOW against normflows' multiscale Glow at equal size (issue 17, item 2).
+"""flowlib's image GLOW against normflows' multiscale Glow and FrEIA's modules at equal size (issue 17).
 
 Cases: the notebooks' image models on fashion-mnist-16 (1 x 16 x 16, L = 2 levels, teacher K = 8 and student
 K = 2 steps per level, 64 hidden channels) and a CIFAR-like 3 x 32 x 32 model (L = 3, K = 8, 128 channels).
@@ -6,8 +6,10 @@ normflows builds the same multi-scale architecture from its parts (``GlowBlock``
 3x3 / 1x1 / 3x3 convolutional network, LU 1x1 convolution and ActNorm; ``Squeeze``; ``Merge``;
 ``MultiscaleFlow``), as its Glow example does; its split-off halves get a learned per-level Gaussian
 (``GlowBase``) where flowlib's get a learned conditional prior, so the parameter counts (printed) differ by a
-few percent. Times, interleaved in one process (one call of each library per round, in a new random order
-every round), medians over ``--repeats`` rounds:
+few percent. If FrEIA is installed (the ``bench`` extra), its modules make a third model of the same layout
+(:class:`FreiaGlow`; FrEIA's ``AllInOneBlock`` mixes channels with a fixed random orthogonal 1x1 convolution,
+as it has no learned LU one). Times, interleaved in one process (one call of each library per round, in a new
+random order every round), medians over ``--repeats`` rounds:
 
 * a training step at batch ``--batch`` (``-log_prob(x).mean()``, backward, Adam step),
 * sampling ``--batch`` images at temperature 0.7 (eval mode, no gradients).
@@ -20,7 +22,9 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import math
 import os
 import platform
 import statistics
@@ -57,6 +61,64 @@ def normflows_glow(shape, levels: int, depth: int, hidden: int):
     return nf.MultiscaleFlow(q0, flows, merges, class_cond=False)
 
 
+class FreiaGlow(torch.nn.Module):
+    """A multi-scale Glow from FrEIA's modules with flowlib's layout: level ``i`` squeezes
+    (``IRevNetDownsampling``), runs ``depth`` ``AllInOneBlock``s (ActNorm-like global affine, a fixed random
+    orthogonal 1x1 convolution -- FrEIA has no learned LU one -- and an affine coupling with the same
+    3x3 / 1x1 / 3x3 network) and, but for the last, sends half of its channels to a standard normal. Only this
+    glue (the level loop and the Gaussian) is written here; the layers are FrEIA's."""
+
+    def __init__(self, shape, levels: int, depth: int, hidden: int):
+        import FrEIA.modules as Fm
+
+        super().__init__()
+
+        def subnet(c_in, c_out):
+            net = torch.nn.Sequential(torch.nn.Conv2d(c_in, hidden, 3, padding=1), torch.nn.ReLU(),
+                                      torch.nn.Conv2d(hidden, hidden, 1), torch.nn.ReLU(),
+                                      torch.nn.Conv2d(hidden, c_out, 3, padding=1))
+            torch.nn.init.zeros_(net[-1].weight)
+            torch.nn.init.zeros_(net[-1].bias)
+            return net
+
+        dims, self.levels, self.shapes = tuple(shape), torch.nn.ModuleList(), []
+        for i in range(levels):
+            mods = [Fm.IRevNetDownsampling([dims])]
+            dims = (dims[0] * 4, dims[1] // 2, dims[2] // 2)
+            mods += [Fm.AllInOneBlock([dims], subnet_constructor=subnet, permute_soft=True)
+                     for _ in range(depth)]
+            self.levels.append(torch.nn.ModuleList(mods))
+            if i < levels - 1:
+                dims = (dims[0] // 2, dims[1], dims[2])
+                self.shapes.append(dims)  # the half sent to the Gaussian
+        self.shapes.append(dims)
+
+    @staticmethod
+    def _normal(z):
+        return -0.5 * (z.flatten(1).square().sum(1) + z[0].numel() * math.log(2 * math.pi))
+
+    def log_prob(self, x):
+        h, logdet, total = x, 0.0, 0.0
+        for i, mods in enumerate(self.levels):
+            for m in mods:
+                (h,), jac = m([h])
+                logdet = logdet + jac
+            if i < len(self.levels) - 1:
+                z, h = h.chunk(2, dim=1)
+                total = total + self._normal(z)
+        return total + self._normal(h) + logdet
+
+    def sample(self, n: int, temperature: float = 1.0):
+        zs = [temperature * torch.randn(n, *s) for s in self.shapes]
+        h = zs[-1]
+        for i in range(len(self.levels) - 1, -1, -1):
+            if i < len(self.levels) - 1:
+                h = torch.cat([zs[i], h], dim=1)
+            for m in reversed(self.levels[i]):
+                (h,), _ = m([h], rev=True, jac=False)
+        return h
+
+
 def free_parameters(module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
@@ -66,10 +128,14 @@ def bench(name: str, batch: int, repeats: int) -> list[dict]:
     torch.manual_seed(0)
     models = {"flowlib": Glow(shape, levels=levels, depth=depth, hidden=hidden),
               "normflows": normflows_glow(shape, levels, depth, hidden)}
+    if importlib.util.find_spec("FrEIA") is not None:
+        models["FrEIA"] = FreiaGlow(shape, levels, depth, hidden)
     x = torch.rand(batch, *shape) - 0.5
-    log_prob = {"flowlib": lambda m: m.log_prob(x), "normflows": lambda m: m.log_prob(x, None)}
+    log_prob = {"flowlib": lambda m: m.log_prob(x), "normflows": lambda m: m.log_prob(x, None),
+                "FrEIA": lambda m: m.log_prob(x)}
     sample = {"flowlib": lambda m: m.sample(batch, temperature=0.7),
-              "normflows": lambda m: m.sample(batch, temperature=0.7)[0]}
+              "normflows": lambda m: m.sample(batch, temperature=0.7)[0],
+              "FrEIA": lambda m: m.sample(batch, temperature=0.7)}
     for k, m in models.items():  # data-dependent ActNorm initialisation, then a finite check
         m.train()
         with torch.no_grad():
@@ -103,8 +169,14 @@ def bench(name: str, batch: int, repeats: int) -> list[dict]:
                      "flowlib_params": free_parameters(models["flowlib"]),
                      "normflows_params": free_parameters(models["normflows"])})
         r = rows[-1]
-        print(f"{name:<26} {op:<11} {r['flowlib_ms']:>9.1f} {r['normflows_ms']:>11.1f} {r['ratio']:>6.2f}"
-              f"   params {r['flowlib_params'] / 1e3:.1f}K / {r['normflows_params'] / 1e3:.1f}K", flush=True)
+        line = (f"{name:<26} {op:<11} {r['flowlib_ms']:>9.1f} {r['normflows_ms']:>11.1f} {r['ratio']:>6.2f}")
+        params = f"params {r['flowlib_params'] / 1e3:.1f}K / {r['normflows_params'] / 1e3:.1f}K"
+        if "FrEIA" in med:
+            r.update(freia_ms=med["FrEIA"], ratio_freia=med["flowlib"] / med["FrEIA"],
+                     freia_params=free_parameters(models["FrEIA"]))
+            line += f" {r['freia_ms']:>9.1f} {r['ratio_freia']:>6.2f}"
+            params += f" / {r['freia_params'] / 1e3:.1f}K"
+        print(f"{line}   {params}", flush=True)
     return rows
 
 
@@ -118,9 +190,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    freia = importlib.util.find_spec("FrEIA") is not None
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}; "
-          f"medians (ms), flowlib / normflows")
-    print(f"{'case':<26} {'op':<11} {'flowlib':>9} {'normflows':>11} {'ratio':>6}")
+          f"medians (ms), ratio = flowlib / peer" + ("" if freia else "; FrEIA not installed, skipped"))
+    print(f"{'case':<26} {'op':<11} {'flowlib':>9} {'normflows':>11} {'ratio':>6}"
+          + (f" {'FrEIA':>9} {'ratio':>6}" if freia else ""))
     rows = [r for name in args.cases for r in bench(name, args.batch, args.repeats)]
     if args.json:
         with open(args.json, "w") as f:
