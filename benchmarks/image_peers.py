@@ -11,7 +11,8 @@ few percent. If FrEIA is installed (the ``bench`` extra), its modules make a thi
 as it has no learned LU one). Times, interleaved in one process (one call of each library per round, in a new
 random order every round), medians over ``--repeats`` rounds:
 
-* a training step at batch ``--batch`` (``-log_prob(x).mean()``, backward, Adam step),
+* a training step at batch ``--batch`` (``-log_prob(x).mean()``, backward, Adam step; ``--optimizer`` as in
+  ``peers.py``, the same for every library),
 * sampling ``--batch`` images at temperature 0.7 (eval mode, no gradients).
 
 Usage::
@@ -30,7 +31,7 @@ import platform
 import statistics
 
 import torch
-from peers import interleaved  # benchmarks/peers.py: seeded random order every round
+from peers import OPTIMIZERS, interleaved  # benchmarks/peers.py: seeded random order every round
 
 from flowlib.models import Glow
 
@@ -123,7 +124,7 @@ def free_parameters(module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-def bench(name: str, batch: int, repeats: int) -> list[dict]:
+def bench(name: str, batch: int, repeats: int, optimizer: str = "adam") -> list[dict]:
     shape, levels, depth, hidden = CASES[name]
     torch.manual_seed(0)
     models = {"flowlib": Glow(shape, levels=levels, depth=depth, hidden=hidden),
@@ -142,7 +143,7 @@ def bench(name: str, batch: int, repeats: int) -> list[dict]:
             lp = log_prob[k](m)
         if lp.shape != (batch,) or not torch.isfinite(lp).all():
             raise AssertionError(f"{k}: log_prob not finite on {name}")
-    opts = {k: torch.optim.Adam(m.parameters(), lr=1e-4) for k, m in models.items()}
+    opts = {k: torch.optim.Adam(m.parameters(), lr=1e-4, **OPTIMIZERS[optimizer]) for k, m in models.items()}
 
     def train(k):
         def step():
@@ -186,19 +187,24 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--optimizer", default="adam", choices=list(OPTIMIZERS),
+                        help="every library's Adam: torch's defaults, adam-foreach (what flowlib.train "
+                             "uses) or adam-fused")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     freia = importlib.util.find_spec("FrEIA") is not None
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}; "
-          f"medians (ms), ratio = flowlib / peer" + ("" if freia else "; FrEIA not installed, skipped"))
+          f"optimizer {args.optimizer}; medians (ms), ratio = flowlib / peer"
+          + ("" if freia else "; FrEIA not installed, skipped"))
     print(f"{'case':<26} {'op':<11} {'flowlib':>9} {'normflows':>11} {'ratio':>6}"
           + (f" {'FrEIA':>9} {'ratio':>6}" if freia else ""))
-    rows = [r for name in args.cases for r in bench(name, args.batch, args.repeats)]
+    rows = [r for name in args.cases for r in bench(name, args.batch, args.repeats, args.optimizer)]
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"threads": torch.get_num_threads(), "torch": torch.__version__, "rows": rows,
+                       "optimizer": args.optimizer,
                        "cpu_count": os.cpu_count()}, f, indent=1)
     return 0
 
