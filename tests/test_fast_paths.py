@@ -148,7 +148,8 @@ def test_a_channels_last_conv_stack_computes_what_the_layers_compute():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("min_bytes", [1, 10 ** 12], ids=["side by side / zero-filled", "plain copies"])
-def test_transposed_copies_equal_the_transposes_bit_for_bit(min_bytes, dtype):
+def test_transposed_copies_equal_the_transposes_bit_for_bit(min_bytes, dtype, monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # the side-by-side branch on any machine
     g = torch.Generator().manual_seed(0)
     a, b = (torch.randn(*s, generator=g, dtype=dtype, requires_grad=True) for s in ((7, 5), (6, 6)))
     for matrices in ([a, b], [a, None], [None, b], [None, None], [b]):
@@ -164,6 +165,26 @@ def test_transposed_copies_equal_the_transposes_bit_for_bit(min_bytes, dtype):
     x, y = torch.randn(5, 3, generator=g, dtype=dtype), torch.randn(3, 7, generator=g, dtype=dtype)
     got = transposed([a.detach()], min_bytes=min_bytes)[0].addmm_(x, y, beta=-0.5)
     assert torch.equal(got, torch.addmm(a.detach().T, x, y, beta=-0.5))
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_a_self_normalizing_step_is_bit_identical_with_side_by_side_transposes(split, monkeypatch):
+    from flowlib import fused
+    from flowlib.selfnorm import SelfNormLinear, selfnorm_loss
+
+    def grads(min_bytes):
+        torch.manual_seed(0)
+        layer = SelfNormLinear(24, likelihood_grad="split" if split else "forward").train()
+        x = torch.randn(16, 24)
+        with monkeypatch.context() as m:
+            m.setattr(fused, "transposed", lambda ms: transposed(ms, min_bytes=min_bytes))
+            m.setattr(torch, "get_num_threads", lambda: 2)
+            z, logdet = layer(x)
+            ((0.5 * z.square().sum(1) - logdet).mean() + selfnorm_loss(layer)).backward()
+        return layer.weight.grad, layer.inverse_weight.grad
+
+    (w1, r1), (w2, r2) = grads(1), grads(10 ** 12)  # side by side against plain copies
+    assert torch.equal(w1, w2) and torch.equal(r1, r2)
 
 
 def _transpose_in_child(a, b):
