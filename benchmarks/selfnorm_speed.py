@@ -36,6 +36,7 @@ import statistics
 import time
 
 import torch
+from peers import OPTIMIZERS, keep_heap  # benchmarks/peers.py: the same Adam settings and heap setting
 
 from flowlib import fast_paths
 from flowlib.results import atomic_write_json
@@ -49,7 +50,7 @@ def make_step(dim: int, exact: bool, batch: int, seed: int, likelihood_grad: str
     torch.manual_seed(seed)
     layer = (SelfNormLinear(dim, exact=True) if exact
              else SelfNormLinear(dim, likelihood_grad=likelihood_grad)).train()
-    opt = torch.optim.Adam(layer.parameters(), lr=1e-5, fused=optimizer == "adam-fused" or None)
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-5, **OPTIMIZERS[optimizer])
     x = torch.randn(batch, dim)
 
     def step() -> tuple[float, float]:
@@ -96,8 +97,6 @@ def main(argv=None) -> dict:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.keep_heap:
-        from peers import keep_heap  # benchmarks/peers.py
-
         keep_heap(mmap=False)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, float32, CPU, "
           f"optimizer {args.optimizer}, SNF likelihood gradient {args.likelihood_grad}"
